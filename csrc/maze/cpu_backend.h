@@ -1,0 +1,29 @@
+// CPU backend: the rules of rules.h over a batch, multithreaded over envs. Every function prepares
+// (validates) the config and checks all inputs before it changes any state.
+#pragma once
+
+#include <cstdint>
+
+#include "rules.h"
+
+namespace ws {
+
+// mask: uint8 [B] or nullptr for all envs. Resets each masked env to episode index s.episode[i].
+void cpu_reset(const Config& cfg, const StateView& s, const uint8_t* mask, int num_threads);
+// actions: int32 [B]. Throws std::invalid_argument (first offending env) before any mutation.
+void cpu_step(const Config& cfg, const StateView& s, const int32_t* actions, const StepOut& out,
+              int num_threads);
+void cpu_clone(const Config& cfg, const StateView& s, int64_t src, int64_t dst_begin,
+               int64_t dst_end, bool independent);
+// neighbours, order: int32 [B, 4].
+void cpu_observe(const Config& cfg, const StateView& s, int32_t* neighbours, int32_t* order,
+                 int num_threads);
+// out_ids: int32 [B, tt.max_len]; lengths: int32 [B]. Throws if a turn exceeds max_len (that env's
+// row is left unwritten; nothing is written out of bounds).
+void cpu_render_tokens(const Config& cfg, const StateView& s, const TokenTable& tt,
+                       int32_t* out_ids, int32_t* lengths, int num_threads);
+// dist: int32 [B]; optimal: uint8 [B, 4].
+void cpu_oracle(const Config& cfg, const StateView& s, int32_t* dist, uint8_t* optimal,
+                int num_threads);
+
+}  // namespace ws

@@ -1,0 +1,299 @@
+// Batch-level tests of the CPU backend (csrc/maze/cpu_backend.cpp): reset provenance, validation
+// that leaves state untouched, same-step autoreset, clone keys, thread-count independence,
+// rendering bounds and the oracle over a batch.
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "batch.h"
+#include "harness.h"
+#include "maze/config.h"
+#include "maze/cpu_backend.h"
+#include "maze/cpu_sampler.h"
+#include "maze_cuda/cuda_backend.h"
+
+using namespace ws;
+
+namespace {
+Config cfg(int size, uint64_t seed = 5) {
+  Config c;
+  c.size = size;
+  c.seed = seed;
+  return c;
+}
+std::vector<int32_t> valid_actions(Batch& b, uint64_t salt) {
+  std::vector<int32_t> a(size_t(b.B));
+  for (int64_t i = 0; i < b.B; ++i) {
+    for (uint64_t k = 0;; ++k) {
+      const int d = int(mix64(salt * 7919 + uint64_t(i) * 31 + k) & 3);
+      const int r = b.row[size_t(i)] + dir_drow(d), c = b.col[size_t(i)] + dir_dcol(d);
+      if (r >= 0 && r < b.S && c >= 0 && c < b.S) {
+        a[size_t(i)] = d;
+        break;
+      }
+    }
+  }
+  return a;
+}
+}  // namespace
+
+TEST(reset_sets_provenance_and_matches_generator) {
+  Batch b(9, 20);
+  for (int64_t i = 0; i < 9; ++i) b.episode[size_t(i)] = 100 + i;
+  const Config c = cfg(20);
+  cpu_reset(c, b.view(), nullptr, 3);
+  const Config p = prepare(c);
+  for (int64_t i = 0; i < 9; ++i) {
+    const uint64_t key = episode_key(5, uint64_t(i), uint64_t(100 + i));
+    std::vector<uint8_t> g(400);
+    int32_t r, col;
+    generate_maze(p, key, g.data(), cached_bfs_order(20), r, col);
+    CHECK(std::memcmp(g.data(), b.env_grid(i), 400) == 0);
+    CHECK_EQ(b.row[size_t(i)], r);
+    CHECK_EQ(b.col[size_t(i)], col);
+    CHECK_EQ(b.t[size_t(i)], 0);
+    CHECK_EQ(b.wind_from[size_t(i)], -1);
+    CHECK_EQ(int(b.done[size_t(i)]), 0);
+    CHECK(b.step_key[size_t(i)] == step_key_of(key));
+    CHECK_EQ(b.origin_env[size_t(i)], i);
+    CHECK_EQ(b.origin_episode[size_t(i)], 100 + i);
+  }
+  // masked reset touches only masked envs
+  Batch before = b;
+  std::vector<uint8_t> mask(9, 0);
+  mask[4] = 1;
+  b.episode[4] = 7;
+  cpu_reset(c, b.view(), mask.data(), 2);
+  for (int64_t i = 0; i < 9; ++i) {
+    if (i == 4) continue;
+    CHECK(std::memcmp(before.env_grid(i), b.env_grid(i), 400) == 0);
+    CHECK_EQ(b.origin_episode[size_t(i)], before.origin_episode[size_t(i)]);
+  }
+  CHECK_EQ(b.origin_episode[4], 7);
+}
+
+TEST(cpu_sampler_matches_shared_sampler) {
+  // The CPU's SIMD sampler (when the CPU has it) against rules.h's portable one, including rows
+  // longer than one 64-cell word and with a short tail (size 130: n = 128; size 67: n = 65).
+  std::printf("  cpu sampler: %s\n", cpu_sampler_name());
+  for (int S : {4, 5, 9, 67, 100, 130}) {
+    Config c = cfg(S, 3);
+    if (S == 9) c.gold_ratio = 1.0 / 3.0;
+    const Config p = prepare(c);
+    for (int ep = 0; ep < 12; ++ep) {
+      std::vector<uint8_t> a(size_t(S) * S), b(size_t(S) * S);
+      int32_t ra, ca, rb, cb;
+      const uint64_t key = episode_key(3, uint64_t(ep), uint64_t(ep * 5));
+      generate_maze(p, key, a.data(), cached_bfs_order(S), ra, ca);
+      generate_maze(p, key, b.data(), cached_bfs_order(S), rb, cb, CpuSampler());
+      CHECK(a == b);
+      CHECK(ra == rb && ca == cb);
+    }
+  }
+}
+
+TEST(step_validation_leaves_state_unchanged) {
+  Batch b(8, 6);
+  const Config c = cfg(6);
+  cpu_reset(c, b.view(), nullptr, 1);
+  std::vector<int32_t> a = valid_actions(b, 1);
+  // env 5 at row 0 stepping N
+  b.row[5] = 0;
+  a[5] = NORTH;
+  Batch snap = b;
+  CHECK_THROWS(cpu_step(c, b.view(), a.data(), b.out(), 2), std::invalid_argument,
+               "actions[5]=0 (N) would leave the grid from row 0");
+  CHECK(b.same_state(snap));
+  a = valid_actions(b, 2);
+  a[3] = 4;
+  a[6] = -1;
+  CHECK_THROWS(cpu_step(c, b.view(), a.data(), b.out(), 2), std::invalid_argument,
+               "actions[3]=4 is not a direction");
+  CHECK(b.same_state(snap));
+  a = valid_actions(b, 3);
+  b.done[2] = 1;
+  snap = b;
+  CHECK_THROWS(cpu_step(c, b.view(), a.data(), b.out(), 2), std::invalid_argument, "env 2 is done");
+  CHECK(b.same_state(snap));
+  Config bad = c;
+  bad.size = 2;
+  CHECK_THROWS(cpu_step(bad, b.view(), a.data(), b.out(), 2), std::invalid_argument, "Config.size");
+  CHECK(b.same_state(snap));
+}
+
+TEST(episode_runs_to_done_then_refuses) {
+  Batch b(4, 10);
+  Config c = cfg(10);
+  c.episode_steps = 5;
+  cpu_reset(c, b.view(), nullptr, 1);
+  for (int s = 0; s < 5; ++s) {
+    std::vector<int32_t> a = valid_actions(b, uint64_t(s));
+    cpu_step(c, b.view(), a.data(), b.out(), 1);
+    for (int64_t i = 0; i < 4; ++i) {
+      CHECK_EQ(int(b.out_done[size_t(i)]), int(s == 4));
+      CHECK_EQ(b.t[size_t(i)], s + 1);
+      CHECK(b.reward[size_t(i)] <= -0.1f + 20.0f * 2);
+    }
+  }
+  std::vector<int32_t> a = valid_actions(b, 9);
+  CHECK_THROWS(cpu_step(c, b.view(), a.data(), b.out(), 1), std::invalid_argument,
+               "autoreset=False");
+}
+
+TEST(same_step_autoreset) {
+  Batch b(6, 12), ref(6, 12);
+  Config c = cfg(12);
+  c.episode_steps = 3;
+  Config ca = c;
+  ca.autoreset = true;
+  cpu_reset(c, b.view(), nullptr, 1);
+  cpu_reset(c, ref.view(), nullptr, 1);
+  for (int s = 0; s < 3; ++s) {
+    std::vector<int32_t> a = valid_actions(b, uint64_t(s) + 40);
+    cpu_step(ca, b.view(), a.data(), b.out(), 2);
+    cpu_step(c, ref.view(), a.data(), ref.out(), 1);
+    // the returned values belong to the finished episode
+    CHECK(b.reward == ref.reward);
+    CHECK(b.tile_entered == ref.tile_entered);
+    CHECK(b.tile_pushed == ref.tile_pushed);
+    CHECK(b.out_wind == ref.out_wind);
+    CHECK(b.out_done == ref.out_done);
+  }
+  for (int64_t i = 0; i < 6; ++i) {
+    CHECK_EQ(int(b.out_done[size_t(i)]), 1);
+    CHECK_EQ(int(b.done[size_t(i)]), 0);
+    CHECK_EQ(b.t[size_t(i)], 0);
+    CHECK_EQ(b.episode[size_t(i)], 1);
+    CHECK_EQ(b.origin_episode[size_t(i)], 1);
+    CHECK_EQ(b.wind_from[size_t(i)], -1);
+  }
+  Batch fresh(6, 12);
+  for (auto& e : fresh.episode) e = 1;
+  cpu_reset(c, fresh.view(), nullptr, 1);
+  CHECK(fresh.grid == b.grid);
+  CHECK(fresh.step_key == b.step_key);
+  CHECK(fresh.row == b.row && fresh.col == b.col);
+}
+
+TEST(clone_keys_and_ranges) {
+  Batch b(6, 8);
+  const Config c = cfg(8);
+  cpu_reset(c, b.view(), nullptr, 1);
+  std::vector<int32_t> a = valid_actions(b, 3);
+  cpu_step(c, b.view(), a.data(), b.out(), 1);
+  cpu_clone(c, b.view(), 1, 3, 6, true);
+  for (int64_t d = 3; d < 6; ++d) {
+    CHECK(std::memcmp(b.env_grid(1), b.env_grid(d), 64) == 0);
+    CHECK_EQ(b.row[size_t(d)], b.row[1]);
+    CHECK_EQ(b.t[size_t(d)], 1);
+    CHECK_EQ(b.origin_env[size_t(d)], 1);
+    CHECK_EQ(b.origin_episode[size_t(d)], b.origin_episode[1]);
+    CHECK(b.step_key[size_t(d)] == mix64(b.step_key[1] ^ mix64(0x434C4F4E45000000ull + uint64_t(d))));
+  }
+  cpu_clone(c, b.view(), 0, 2, 3, false);
+  CHECK(b.step_key[2] == b.step_key[0]);
+  CHECK_THROWS(cpu_clone(c, b.view(), 6, 0, 1, true), std::invalid_argument, "src=6");
+  CHECK_THROWS(cpu_clone(c, b.view(), 0, 3, 7, true), std::invalid_argument, "destination range");
+  CHECK_THROWS(cpu_clone(c, b.view(), 4, 3, 6, true), std::invalid_argument, "inside");
+  cpu_clone(c, b.view(), 0, 3, 3, true);  // empty range is fine
+}
+
+TEST(thread_count_does_not_change_results) {
+  for (bool autoreset : {false, true}) {
+    Config c = cfg(15, 11);
+    c.autoreset = autoreset;
+    c.episode_steps = 4;
+    Batch one(5000, 15), many(5000, 15);
+    cpu_reset(c, one.view(), nullptr, 1);
+    cpu_reset(c, many.view(), nullptr, 4);
+    CHECK(one.same_state(many));
+    for (int s = 0; s < (autoreset ? 9 : 4); ++s) {
+      std::vector<int32_t> a = valid_actions(one, uint64_t(s));
+      cpu_step(c, one.view(), a.data(), one.out(), 1);
+      cpu_step(c, many.view(), a.data(), many.out(), 4);
+      CHECK(one.same_state(many));
+      CHECK(one.reward == many.reward && one.out_wind == many.out_wind);
+    }
+    std::vector<int32_t> n1(5000 * 4), o1(5000 * 4), n2(5000 * 4), o2(5000 * 4);
+    cpu_observe(c, one.view(), n1.data(), o1.data(), 1);
+    cpu_observe(c, many.view(), n2.data(), o2.data(), 4);
+    CHECK(n1 == n2 && o1 == o2);
+    std::vector<int32_t> d1(5000), d2(5000);
+    std::vector<uint8_t> p1(5000 * 4), p2(5000 * 4);
+    cpu_oracle(c, one.view(), d1.data(), p1.data(), 1);
+    cpu_oracle(c, many.view(), d2.data(), p2.data(), 3);
+    CHECK(d1 == d2 && p1 == p2);
+  }
+}
+
+TEST(observe_and_oracle_consistency) {
+  Batch b(64, 30);
+  const Config c = cfg(30, 2);
+  cpu_reset(c, b.view(), nullptr, 2);
+  std::vector<int32_t> nb(64 * 4), order(64 * 4), dist(64);
+  std::vector<uint8_t> opt(64 * 4);
+  cpu_observe(c, b.view(), nb.data(), order.data(), 2);
+  cpu_oracle(c, b.view(), dist.data(), opt.data(), 2);
+  for (int64_t i = 0; i < 64; ++i) {
+    int listed = 0;
+    for (int k = 0; k < 4; ++k) listed += order[size_t(i * 4 + k)] >= 0;
+    int valid = 0;
+    for (int d = 0; d < 4; ++d) valid += nb[size_t(i * 4 + d)] >= 0;
+    CHECK_EQ(listed, valid);
+    CHECK(dist[size_t(i)] != 0);
+    int picks = 0;
+    for (int d = 0; d < 4; ++d) {
+      if (opt[size_t(i * 4 + d)]) {
+        ++picks;
+        CHECK(nb[size_t(i * 4 + d)] >= 0);
+        if (dist[size_t(i)] > 0) CHECK(nb[size_t(i * 4 + d)] != MOLD);
+        if (dist[size_t(i)] == 1) CHECK(nb[size_t(i * 4 + d)] == GOLD);
+      }
+    }
+    CHECK(picks >= 1);
+  }
+}
+
+TEST(render_batch_bounds) {
+  const int S = 25;
+  Batch b(100, S);
+  const Config c = cfg(S, 4);
+  cpu_reset(c, b.view(), nullptr, 2);
+  const int nf = expected_num_fragments(S);
+  std::vector<int32_t> offsets(size_t(nf) + 1, 0), ids;
+  int32_t longest = 0;
+  for (int f = 0; f < nf; ++f) {
+    const int len = 1 + (f * 7) % 5;
+    for (int j = 0; j < len; ++j) ids.push_back(f);
+    offsets[size_t(f) + 1] = int32_t(ids.size());
+  }
+  // an upper bound: prefix + wind + head + x + y + close + 4 clauses + tail + suffix
+  longest = 13 * 5;
+  TokenTable tt{ids.data(), offsets.data(), nf, longest, -1};
+  std::vector<int32_t> out(size_t(100) * longest + 16, 4242), lengths(100);
+  cpu_render_tokens(c, b.view(), tt, out.data(), lengths.data(), 2);
+  for (int64_t i = 0; i < 100; ++i) {
+    CHECK(lengths[size_t(i)] > 0 && lengths[size_t(i)] <= longest);
+    CHECK_EQ(out[size_t(i * longest)], 8);  // TURN_PREFIX first
+    for (int k = lengths[size_t(i)]; k < longest; ++k) CHECK_EQ(out[size_t(i * longest + k)], -1);
+  }
+  for (size_t k = size_t(100) * longest; k < out.size(); ++k) CHECK_EQ(out[k], 4242);
+  TokenTable small{ids.data(), offsets.data(), nf, 5, -1};
+  std::vector<int32_t> out2(100 * 5 + 8, 4242);
+  CHECK_THROWS(cpu_render_tokens(c, b.view(), small, out2.data(), lengths.data(), 2),
+               std::invalid_argument, "render_tokens: env 0's turn");
+  for (size_t k = 0; k < out2.size(); ++k) CHECK_EQ(out2[k], 4242);
+  TokenTable wrong{ids.data(), offsets.data(), nf - 1, longest, -1};
+  CHECK_THROWS(cpu_render_tokens(c, b.view(), wrong, out.data(), lengths.data(), 2),
+               std::invalid_argument, "num_fragments");
+}
+
+TEST(cuda_stub_or_backend_links) {
+  if (!cuda_compiled()) {
+    Batch b(1, 6);
+    CHECK_THROWS(cuda_reset(cfg(6), b.view(), nullptr, 0), std::runtime_error,
+                 "built without the CUDA backend");
+  }
+}
+
+int main() { return harness::run_all(); }

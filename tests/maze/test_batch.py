@@ -1,0 +1,207 @@
+"""MazeBatch's Python face: config validation, bad inputs, token rendering, gym adapter."""
+
+import numpy as np
+import pytest
+import torch
+
+from welfare_server.maze import GOLD, MazeBatch, MazeConfig, MazeTokenTable
+from welfare_server.maze.reference import ReferenceMaze
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("size", 3, "size=3 is out of bounds [4, 1000]"),
+    ("size", 1001, "size=1001 is out of bounds"),
+    ("size", 10.0, "size must be an int"),
+    ("episode_steps", 0, "episode_steps=0 is out of bounds"),
+    ("wind_prob", 1.5, "wind_prob=1.5 is out of bounds [0.0, 1.0]"),
+    ("wind_prob", float("nan"), "wind_prob=nan"),
+    ("mold_reward", float("inf"), "mold_reward=inf"),
+    ("walk_max_mult", 2, "walk_max_mult=2 is out of bounds [5, 1000]"),
+    ("mold_fraction_max", 0.05, "mold_fraction_max=0.05 is out of bounds [0.1, 1.0]"),
+    ("glyphs", "emoji", "glyphs must be one of"),
+    ("melting", 1, "melting must be a bool"),
+    ("gold_ratio", 1.5, "gold_ratio=1.5 is out of bounds [0.0, 1.0]"),
+])
+def test_config_rejects_out_of_range_fields(field, value, fragment):
+    with pytest.raises(ValueError, match="MazeConfig." + field) as error:
+        MazeConfig(**{field: value})
+    assert fragment in str(error.value)
+
+
+def test_config_rejects_gold_that_could_cover_every_path_cell():
+    with pytest.raises(ValueError, match="MazeConfig.gold_ratio=1.0: .* no start cell"):
+        MazeConfig(gold_ratio=1.0, mold_fraction_max=0.6)
+    with pytest.raises(ValueError, match="MazeConfig.mold_fraction_min/max: the Mold count range"):
+        MazeConfig(size=4, mold_fraction_min=0.5, mold_fraction_max=0.6)
+
+
+def test_config_derives_the_papers_bounds():
+    config = MazeConfig()
+    assert config.interior_cells == 98 * 98
+    assert (config.mold_count_lo, config.mold_count_hi) == (int(0.1 * 9604) + 1, int(0.5 * 9604) - 1)
+    assert config.wind_threshold == int(0.1 * 2**32)
+    assert MazeConfig(wind_prob=1.0).wind_threshold == 2**32
+
+
+def test_batch_rejects_bad_arguments():
+    config = MazeConfig(size=10)
+    with pytest.raises(ValueError, match="num_envs"):
+        MazeBatch(config, 0)
+    with pytest.raises(ValueError, match="max_state_bytes"):
+        MazeBatch(MazeConfig(size=100, max_state_bytes=1 << 20), 1000)
+    with pytest.raises(ValueError, match="seed"):
+        MazeBatch(config, 2, seed=-1)
+    with pytest.raises(ValueError, match="device"):
+        MazeBatch(config, 2, device="meta")
+
+
+def test_step_rejects_bad_actions_and_changes_nothing():
+    config = MazeConfig(size=6, wind_prob=0.5)
+    batch = MazeBatch(config, 4, seed=3)
+    before = batch.grids.clone(), batch.row.clone(), batch.col.clone(), batch.step_index.clone()
+    with pytest.raises(ValueError, match=r"actions must have shape \[4\]"):
+        batch.step(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="actions must hold integers"):
+        batch.step(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"actions\[2\]=7"):
+        batch.step(torch.tensor([0, 1, 7, 2]))
+    with pytest.raises(ValueError, match=r"actions\[0\]=-1"):
+        batch.step(torch.tensor([-1, 1, 1, 2]))
+    assert all(torch.equal(x, y) for x, y in zip(before, (batch.grids, batch.row, batch.col, batch.step_index)))
+
+
+def test_step_into_a_direction_that_leaves_the_grid_is_refused():
+    # size 4, no wind: the agent starts on row 1 or 2 and reaches row 0 by going north.
+    batch = MazeBatch(MazeConfig(size=4, wind_prob=0.0), 1, seed=3)
+    while batch.row[0] > 0:
+        batch.step(torch.tensor([0]))
+    snapshot = batch.grids.clone(), batch.row.clone(), batch.step_index.clone()
+    assert not batch.observe().valid[0, 0]
+    with pytest.raises(ValueError, match=r"actions\[0\]=0"):
+        batch.step(torch.tensor([0]))
+    assert torch.equal(batch.grids, snapshot[0]) and torch.equal(batch.row, snapshot[1])
+    assert torch.equal(batch.step_index, snapshot[2])
+
+
+def test_stepping_a_finished_episode_is_an_error_without_autoreset():
+    config = MazeConfig(size=8, episode_steps=2, wind_prob=0.0)
+    batch = MazeBatch(config, 2, seed=1)
+    for _ in range(2):
+        valid = batch.observe().valid
+        batch.step(valid.int().argmax(dim=1))
+    assert batch.done.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="reset"):
+        batch.step(batch.observe().valid.int().argmax(dim=1))
+    batch.reset()
+    assert batch.episode.tolist() == [1, 1] and batch.step_index.tolist() == [0, 0]
+
+
+def test_clone_rejects_bad_ranges():
+    batch = MazeBatch(MazeConfig(size=8), 6, seed=1)
+    for args in [(6, 0, 2), (0, 3, 7), (2, 1, 4), (0, 4, 2)]:
+        with pytest.raises(ValueError):
+            batch.clone(*args)
+    with pytest.raises(ValueError, match="src must be an int"):
+        batch.clone(1.0, 2, 3)
+
+
+def test_same_seed_same_mazes_other_seed_differs():
+    config = MazeConfig(size=30)
+    first, again, other = (MazeBatch(config, 8, seed=s) for s in (7, 7, 8))
+    assert torch.equal(first.grids, again.grids)
+    assert not torch.equal(first.grids, other.grids)
+    # Each env's maze depends on its index too, and on the episode index.
+    assert not torch.equal(first.grids[0], first.grids[1])
+    before = first.grids.clone()
+    first.reset()
+    assert not torch.equal(first.grids, before)
+
+
+def test_render_tokens_equal_real_tokenizer_ids(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    for glyphs in ("office", "dessert", "letters"):
+        config = MazeConfig(size=100, glyphs=glyphs, wind_prob=0.5)
+        table = MazeTokenTable.from_tokenizer(tokenizer, config)
+        batch = MazeBatch(config, 24, seed=4)
+        ref = ReferenceMaze(config, 24, 4)
+        rng = np.random.default_rng(0)
+        prefix = tokenizer.decode(table.fragment_ids[8])
+        suffix = tokenizer.decode(table.fragment_ids[9])
+        for t in range(6):
+            ids, lengths = batch.render_tokens(table)
+            for i in range(batch.num_envs):
+                want = tokenizer(prefix + ref.prompt_text(i) + suffix, add_special_tokens=False)["input_ids"]
+                got = ids[i, : lengths[i]].tolist()
+                assert got == want, f"{glyphs} step {t} env {i}"
+                assert (ids[i, lengths[i]:] == table.pad_id).all()
+            valid = batch.observe().valid.numpy()
+            actions = (rng.random(valid.shape) + valid).argmax(axis=1)
+            batch.step(torch.from_numpy(actions))
+            ref.step(actions.tolist())
+
+
+def test_token_table_refuses_a_non_compositional_tokenizer():
+    class CharPairTokenizer:
+        """Merges character pairs across fragment boundaries: concatenation is not compositional."""
+
+        pad_token_id, eos_token_id = 0, 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            def encode(text):
+                return [hash(text[i:i + 2]) % 50000 + 1 for i in range(0, len(text), 2)]
+            if isinstance(texts, str):
+                return {"input_ids": encode(texts)}
+            return {"input_ids": [encode(t) for t in texts]}
+
+    with pytest.raises(ValueError, match="does not tokenize maze prompts"):
+        MazeTokenTable.from_tokenizer(CharPairTokenizer(), MazeConfig(size=10), chat_wrapper=False)
+
+
+def test_render_tokens_rejects_bad_buffers(smollm2_tokenizer):
+    config = MazeConfig(size=10)
+    table = MazeTokenTable.from_tokenizer(smollm2_tokenizer, config)
+    batch = MazeBatch(config, 3)
+    with pytest.raises(ValueError, match="out must have shape"):
+        batch.render_tokens(table, out=torch.empty(3, table.max_len - 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out must have dtype"):
+        batch.render_tokens(table, out=torch.empty(3, table.max_len, dtype=torch.int64))
+    with pytest.raises(ValueError, match="table was built for another MazeConfig"):
+        MazeBatch(MazeConfig(size=11), 3).render_tokens(table)
+
+
+def test_following_the_oracle_shortens_the_distance_to_gold():
+    # Without wind a move along a shortest path to Gold shortens it by one (melting only closes
+    # cells behind the agent, which a shortest path never revisits); distance 1 means Gold next.
+    batch = MazeBatch(MazeConfig(size=20, wind_prob=0.0), 32, seed=2)
+    checked = 0
+    for _ in range(batch.config.episode_steps):
+        dist, optimal = batch.oracle()
+        valid = batch.observe().valid
+        assert (optimal.any(dim=1)).all() and not (optimal & ~valid).any()
+        result = batch.step(optimal.int().argmax(dim=1))
+        new_dist, _ = batch.oracle()
+        for i in range(batch.num_envs):
+            if dist[i] == 1:
+                assert result.tile_entered[i] == GOLD
+                checked += 1
+            elif dist[i] > 1:
+                assert new_dist[i] == dist[i] - 1
+                checked += 1
+    assert checked > 100
+
+
+def test_gym_adapter_steps_and_autoresets(smollm2_tokenizer):
+    from welfare_server.maze.gym_env import MazeVectorEnv
+
+    config = MazeConfig(size=12, episode_steps=3, autoreset=True)
+    table = MazeTokenTable.from_tokenizer(smollm2_tokenizer, config)
+    env = MazeVectorEnv(config, 5, seed=1, token_table=table)
+    obs, info = env.reset(seed=1)
+    assert obs["tokens"].shape == (5, table.max_len)
+    for t in range(3):
+        actions = info["action_mask"].argmax(axis=1)
+        obs, reward, terminated, truncated, info = env.step(actions)
+        assert reward.dtype == np.float32 and not truncated.any()
+    assert terminated.all() and "final_obs" in info
+    assert (obs["step_index"] == 0).all()  # already in the next episode
+    assert env.observation_space.contains(obs)

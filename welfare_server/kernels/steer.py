@@ -1,0 +1,186 @@
+"""steer: apply per-row steering terms to the residual stream in one pass.
+
+hidden [T, D]; bank [K, D]; per row up to NT <= MAX_TERMS terms (vector index, coef, mode),
+applied in order to an fp32 accumulator, then stored once in hidden's dtype. Optional fused
+projections onto up to MAX_MONITORS monitor vectors (pre- or post-steering). Rows with no active
+term are not written when in place and copied bit-for-bit when out of place.
+
+Reference: steer_reference (torch, the CPU path and the test oracle).
+Kernel: steer_triton (one program per row, or per few rows for small D; each row, each term
+vector and each monitor vector are loaded once into registers, so the only traffic is one read and at most one write of the row).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from welfare_server.kernels._ref_terms import apply_terms, term_active
+from welfare_server.kernels._checks import check_out, is_inplace
+
+try:  # triton is optional on CPU-only installs; the reference needs only torch
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+
+# --------------------------------------------------------------------------------------------
+# torch reference
+# --------------------------------------------------------------------------------------------
+def _store_rows(steered_f: torch.Tensor, hidden: torch.Tensor, row_active: torch.Tensor, out):
+    """Write the steered rows; inactive rows keep hidden's exact bits (torch.where selects, it
+    does not round-trip). In place, the reference rewrites inactive rows with their own bits
+    (indistinguishable; only the Triton kernel literally skips the store)."""
+    res = torch.where(row_active[:, None], steered_f.to(hidden.dtype), hidden)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
+def steer_reference(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=None,
+                    monitor_post=True):
+    x0 = hidden.float()
+    x = apply_terms(x0, bank, term_vector, term_coef, term_mode)
+    row_active = term_active(term_vector, term_mode, bank.shape[0]).any(1)
+    proj = None
+    if monitor is not None:
+        # Post-steering projections read the fp32 accumulator (before rounding to hidden's dtype).
+        proj = (x if monitor_post else x0) @ monitor.float().t()
+    if out is not None and not is_inplace(out, hidden):
+        check_out(out, hidden)
+    return _store_rows(x, hidden, row_active, out), proj
+
+
+# --------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _apply_terms_rows(x, offs, dmask, rows, rmask, bank_ptr, stride_bk, K, tv_ptr, tc_ptr,
+                          tm_ptr, NT: tl.constexpr):
+        """Apply each row's NT terms to its fp32 accumulator; x [ROWS, BLOCK_D] in registers.
+        Returns (x, any_active [ROWS]). Same scalar formulas as _ref_terms.apply_terms."""
+        any_active = rows < 0  # all False, [ROWS]
+        for j in tl.static_range(NT):
+            idx = tl.load(tv_ptr + rows * NT + j, mask=rmask, other=-1).to(tl.int32)
+            mode = tl.load(tm_ptr + rows * NT + j, mask=rmask, other=0).to(tl.int32)
+            # Out-of-range indices / unknown modes are ignored, so an unchecked table never reads
+            # outside the bank.
+            active = (idx >= 0) & (idx < K) & (mode >= 0) & (mode <= 3)
+            any_active = any_active | active
+            c = tl.load(tc_ptr + rows * NT + j, mask=rmask & active, other=0.0)
+            c = tl.where(active, c, 0.0)
+            safe_idx = tl.where(active, idx, 0).to(tl.int64)
+            v = tl.load(bank_ptr + safe_idx[:, None] * stride_bk + offs[None, :],
+                        mask=active[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            xx = tl.sum(x * x, axis=1)
+            xv = tl.sum(x * v, axis=1)
+            vv = tl.sum(v * v, axis=1)
+            pos = vv > 0
+            vv_s = tl.where(pos, vv, 1.0)
+            nv_s = tl.sqrt(vv_s)
+            beta_abl = tl.where(pos, -xv / vv_s, 0.0)
+            beta_clamp = tl.where(pos, (c - xv / nv_s) / nv_s, 0.0)
+            beta = tl.where(mode <= 1, c, tl.where(mode == 2, beta_abl, beta_clamp))
+            y = x + beta[:, None] * v
+            yy = tl.sum(y * y, axis=1)
+            ren = (mode == 1) & (yy > 0)
+            s = tl.where(ren, tl.sqrt(xx) / tl.sqrt(tl.where(ren, yy, 1.0)), 1.0)
+            y = tl.where(ren[:, None], y * s[:, None], y)
+            x = tl.where(active[:, None], y, x)
+        return x, any_active
+
+    @triton.jit
+    def _monitor_rows(x, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M: tl.constexpr):
+        # Each monitor vector is loaded once per program and shared by its ROWS rows.
+        for j in tl.static_range(M):
+            m = tl.load(mon_ptr + j * stride_mm + offs, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(proj_ptr + rows * M + j, tl.sum(x * m[None, :], axis=1), mask=rmask)
+
+    @triton.jit
+    def _steer_kernel(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K,
+                      tv_ptr, tc_ptr, tm_ptr, mon_ptr, stride_mm, proj_ptr, T, D,
+                      NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
+                      INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < T
+        offs = tl.arange(0, BLOCK_D)
+        dmask = offs < D
+        mask2 = rmask[:, None] & dmask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask2, other=0.0)
+        x0 = h.to(tl.float32)
+        x, any_active = _apply_terms_rows(x0, offs, dmask, rows, rmask, bank_ptr, stride_bk, K,
+                                          tv_ptr, tc_ptr, tm_ptr, NT)
+        if M > 0:
+            if MONITOR_POST:
+                _monitor_rows(x, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
+            else:
+                _monitor_rows(x0, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
+        optr = out_ptr + rows[:, None] * stride_o + offs[None, :]
+        if INPLACE:
+            # Untouched rows are not written at all (no bytes, no rounding, no race).
+            tl.store(optr, x.to(h.dtype), mask=mask2 & any_active[:, None])
+        else:
+            # Untouched rows: the loaded bits, not an fp32 round trip (keeps NaN payloads exact).
+            tl.store(optr, tl.where(any_active[:, None], x.to(h.dtype), h), mask=mask2)
+
+
+def launch_config(D: int, T: int):
+    """(ROWS, BLOCK_D, num_warps). BLOCK_D = next pow2 >= D: the whole row lives in registers, so
+    h is read once and written once. Small D packs several rows per program (ROWS*BLOCK_D ~ 4096
+    elements) so a program has enough bytes in flight and bank/monitor/weight loads are shared;
+    warps scale so a thread holds <= 16 fp32 elements per row-sized tensor (x, v, y stay in
+    registers). Under TRITON_INTERPRET=1 each program costs ~15 ms of Python, so programs take as
+    many rows as fit 64K elements (tests finish in seconds instead of minutes)."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    budget = 65536 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+    ROWS = max(1, min(budget // BLOCK_D, 64, triton.next_power_of_2(max(T, 1))))
+    num_warps = max(1, min(16, ROWS * BLOCK_D // 512))
+    return ROWS, BLOCK_D, num_warps
+
+
+def _row_ready(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take a row stride but need unit stride along D."""
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _prep(hidden, bank, term_vector, term_coef, term_mode, monitor):
+    bank = _row_ready(bank)
+    tv = term_vector.contiguous()
+    tc = term_coef.contiguous()
+    tm = term_mode.contiguous()
+    mon = _row_ready(monitor) if monitor is not None else None
+    return bank, tv, tc, tm, mon
+
+
+def steer_triton(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=None,
+                 monitor_post=True):
+    T, D = hidden.shape
+    inplace = is_inplace(out, hidden)
+    if hidden.stride(1) != 1 and D > 1:
+        if inplace:
+            raise ValueError("in-place steer needs hidden with unit stride along D")
+        hidden = hidden.contiguous()
+    if out is None:
+        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    elif not inplace:
+        check_out(out, hidden)
+        if out.stride(1) != 1 and D > 1:
+            raise ValueError("out needs unit stride along D")
+    bank, tv, tc, tm, mon = _prep(hidden, bank, term_vector, term_coef, term_mode, monitor)
+    M = 0 if mon is None else mon.shape[0]
+    proj = torch.empty((T, M), dtype=torch.float32, device=hidden.device) if mon is not None else None
+    if T == 0:
+        return out, proj
+    ROWS, BLOCK_D, num_warps = launch_config(D, T)
+    _steer_kernel[(triton.cdiv(T, ROWS),)](
+        hidden, hidden.stride(0), out, out.stride(0), bank, bank.stride(0), bank.shape[0],
+        tv, tc, tm, mon if mon is not None else hidden, mon.stride(0) if mon is not None else 0,
+        proj if proj is not None else tc, T, D,
+        NT=tv.shape[1], M=M, MONITOR_POST=bool(monitor_post), INPLACE=inplace,
+        ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return out, proj

@@ -1,0 +1,130 @@
+"""steer_rmsnorm: steering and the next block's input RMSNorm in one pass over the row.
+
+Returns the steered residual (the stream the rest of the model keeps adding into) and
+normed = RMSNorm(steered) * weight, which is what the following decoder layer reads, so that
+layer's input norm does not make its own pass over h.
+
+The norm follows Hugging Face's LlamaRMSNorm on the *stored* steered row (hidden's dtype):
+    xs = steered.float(); xs = xs * rsqrt(mean(xs^2) + eps); normed = weight * xs.to(hidden.dtype)
+so fused and unfused (steer, then LlamaRMSNorm) give the same numbers up to reduction order.
+For fp32 hidden the stored row is the fp32 accumulator itself. The normed dtype is
+promote(hidden.dtype, weight.dtype), again as LlamaRMSNorm returns it.
+"""
+from __future__ import annotations
+
+import torch
+
+from welfare_server.kernels._checks import check_out, is_inplace
+from welfare_server.kernels._ref_terms import apply_terms, term_active
+from welfare_server.kernels.steer import HAS_TRITON, _prep, _store_rows, launch_config
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from welfare_server.kernels.steer import _apply_terms_rows, _monitor_rows
+
+
+def normed_dtype(hidden: torch.Tensor, norm_weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(hidden.dtype, norm_weight.dtype)
+
+
+def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm.forward, verbatim semantics."""
+    xs = h.float()
+    var = xs.pow(2).mean(-1, keepdim=True)
+    xs = xs * torch.rsqrt(var + eps)
+    return weight * xs.to(h.dtype)
+
+
+def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
+                            out=None, normed_out=None, monitor=None, monitor_post=True):
+    x0 = hidden.float()
+    x = apply_terms(x0, bank, term_vector, term_coef, term_mode)
+    row_active = term_active(term_vector, term_mode, bank.shape[0]).any(1)
+    proj = None
+    if monitor is not None:
+        proj = (x if monitor_post else x0) @ monitor.float().t()
+    if out is not None and not is_inplace(out, hidden):
+        check_out(out, hidden)
+    steered = _store_rows(x, hidden, row_active, out)
+    normed = rmsnorm_reference(steered, norm_weight, eps)
+    if normed_out is not None:
+        check_out(normed_out, hidden, "normed_out", normed_dtype(hidden, norm_weight))
+        normed_out.copy_(normed)
+        normed = normed_out
+    return steered, normed, proj
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _steer_rmsnorm_kernel(h_ptr, stride_h, out_ptr, stride_o, n_ptr, stride_n, w_ptr, eps,
+                              bank_ptr, stride_bk, K, tv_ptr, tc_ptr, tm_ptr,
+                              mon_ptr, stride_mm, proj_ptr, T, D,
+                              NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
+                              INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < T
+        offs = tl.arange(0, BLOCK_D)
+        dmask = offs < D
+        mask2 = rmask[:, None] & dmask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask2, other=0.0)
+        x0 = h.to(tl.float32)
+        x, any_active = _apply_terms_rows(x0, offs, dmask, rows, rmask, bank_ptr, stride_bk, K,
+                                          tv_ptr, tc_ptr, tm_ptr, NT)
+        if M > 0:
+            if MONITOR_POST:
+                _monitor_rows(x, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
+            else:
+                _monitor_rows(x0, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
+        stored = tl.where(any_active[:, None], x.to(h.dtype), h)
+        optr = out_ptr + rows[:, None] * stride_o + offs[None, :]
+        if INPLACE:
+            tl.store(optr, stored, mask=mask2 & any_active[:, None])
+        else:
+            tl.store(optr, stored, mask=mask2)
+        # RMSNorm of the stored row, as LlamaRMSNorm computes it (see module doc).
+        xs = stored.to(tl.float32)
+        var = tl.sum(xs * xs, axis=1) / D
+        xn = (xs * (1.0 / tl.sqrt(var + eps))[:, None]).to(h.dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(n_ptr + rows[:, None] * stride_n + offs[None, :],
+                 (w[None, :] * xn).to(n_ptr.dtype.element_ty), mask=mask2)
+
+
+def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
+                         out=None, normed_out=None, monitor=None, monitor_post=True):
+    T, D = hidden.shape
+    inplace = is_inplace(out, hidden)
+    if hidden.stride(1) != 1 and D > 1:
+        if inplace:
+            raise ValueError("in-place steer_rmsnorm needs hidden with unit stride along D")
+        hidden = hidden.contiguous()
+    if out is None:
+        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    elif not inplace:
+        check_out(out, hidden)
+    ndt = normed_dtype(hidden, norm_weight)
+    if normed_out is None:
+        normed_out = torch.empty((T, D), dtype=ndt, device=hidden.device)
+    else:
+        check_out(normed_out, hidden, "normed_out", ndt)
+    for name, t in (("out", out), ("normed_out", normed_out)):
+        if t.stride(1) != 1 and D > 1:
+            raise ValueError(f"{name} needs unit stride along D")
+    w = norm_weight.contiguous()
+    bank, tv, tc, tm, mon = _prep(hidden, bank, term_vector, term_coef, term_mode, monitor)
+    M = 0 if mon is None else mon.shape[0]
+    proj = torch.empty((T, M), dtype=torch.float32, device=hidden.device) if mon is not None else None
+    if T == 0:
+        return out, normed_out, proj
+    ROWS, BLOCK_D, num_warps = launch_config(D, T)
+    _steer_rmsnorm_kernel[(triton.cdiv(T, ROWS),)](
+        hidden, hidden.stride(0), out, out.stride(0), normed_out, normed_out.stride(0), w, float(eps),
+        bank, bank.stride(0), bank.shape[0], tv, tc, tm,
+        mon if mon is not None else hidden, mon.stride(0) if mon is not None else 0,
+        proj if proj is not None else tc, T, D,
+        NT=tv.shape[1], M=M, MONITOR_POST=bool(monitor_post), INPLACE=inplace,
+        ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps)
+    return out, normed_out, proj

@@ -1,0 +1,275 @@
+"""MazeBatch: the Python face of the batched C++/CUDA maze simulator.
+
+State lives in torch tensors that this class allocates on the chosen device (CPU or CUDA); the C++
+core (welfare_server._maze_core) reads and writes them through their data pointers, so on a GPU
+nothing is copied to the host, and the tensors are shared with PyTorch as they are. Every batch call
+into the core releases the GIL. Shapes, dtypes and devices of caller-provided buffers are checked
+here, before any pointer crosses into C++.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from welfare_server.maze import text as T
+from welfare_server.maze.config import MazeConfig
+from welfare_server.maze.tokens import MazeTokenTable
+
+# Bytes of per-env state besides the grid (row, col, t, wind, episode, key, done, provenance) and
+# the step outputs: used for the memory limit check.
+_PER_ENV_BYTES = 4 * 4 + 8 * 4 + 1 + 4 * 4 + 1
+
+ORACLE_CUDA_CHUNK_ENVS = 4096
+"""Envs per CUDA oracle pass: bounds its scratch to 9 bytes x cells x 4096 (0.37 GB at size 100)."""
+
+
+def _core():
+    from welfare_server import _maze_core  # the compiled extension; imported lazily for a clear error
+
+    return _maze_core
+
+
+def _core_config(config: MazeConfig, seed: int):
+    return _core().Config(
+        size=config.size, episode_steps=config.episode_steps, wind_prob=config.wind_prob,
+        melting=config.melting, step_reward=config.step_reward, mold_reward=config.mold_reward,
+        gold_reward=config.gold_reward, walk_min_mult=config.walk_min_mult,
+        walk_max_mult=config.walk_max_mult, mold_fraction_min=config.mold_fraction_min,
+        mold_fraction_max=config.mold_fraction_max, gold_ratio=config.gold_ratio,
+        shuffle_directions=config.shuffle_directions, autoreset=config.autoreset, seed=seed)
+
+
+@dataclass
+class StepResult:
+    """What one step returns, per env (tensors on the batch's device)."""
+
+    reward: torch.Tensor
+    """float32 [B]: step reward plus the entered (and pushed-into) tiles' rewards."""
+    tile_entered: torch.Tensor
+    """int32 [B]: tile code the move entered."""
+    tile_pushed: torch.Tensor
+    """int32 [B]: tile code the wind push entered, -1 when no push happened."""
+    wind_from: torch.Tensor
+    """int32 [B]: direction the wind came from, -1 when no push happened."""
+    done: torch.Tensor
+    """bool [B]: the step ended the episode (with autoreset the env has already started the next)."""
+
+
+@dataclass
+class Observation:
+    """The state an agent sees before its next move (tensors on the batch's device)."""
+
+    neighbours: torch.Tensor
+    """int32 [B, 4]: tile code to the N, E, S, W; -1 outside the grid."""
+    valid: torch.Tensor
+    """bool [B, 4]: the direction stays inside the grid (the action mask)."""
+    order: torch.Tensor
+    """int32 [B, 4]: the listed directions in prompt order, padded with -1."""
+    position: torch.Tensor
+    """int32 [B, 2]: (x, y) = (column, row), as the prompt shows it."""
+    step_index: torch.Tensor
+    """int32 [B]: moves made so far in the episode."""
+    wind_from: torch.Tensor
+    """int32 [B]: the wind message the prompt starts with (-1 none)."""
+
+
+class MazeBatch:
+    """B independent mazes stepped together; see docs/maze_spec.md for every rule.
+
+    Construction resets env i to episode 0, so env i's first maze is a pure function of
+    (seed, i, 0). Thereafter reset() moves the selected envs to their next episode index.
+    """
+
+    def __init__(self, config: MazeConfig, num_envs: int, seed: int = 0, device: str | torch.device = "cpu",
+                 num_threads: int = 0):
+        if not isinstance(config, MazeConfig):
+            raise ValueError(f"config must be a MazeConfig, got {type(config).__name__}")
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        state_bytes = num_envs * (config.size * config.size + _PER_ENV_BYTES)
+        if state_bytes > config.max_state_bytes:
+            raise ValueError(
+                f"num_envs={num_envs} needs {state_bytes} bytes of state for size {config.size}, "
+                f"beyond MazeConfig.max_state_bytes={config.max_state_bytes}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 0 <= num_threads <= 1024:
+            raise ValueError(f"num_threads must be an int in [0, 1024] (0 = all cores), got {num_threads!r}")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        core = _core()
+        if self.device.type == "cuda" and not core.cuda_compiled():
+            raise ValueError("device='cuda' but welfare_server was built without the CUDA backend")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device on this machine")
+        self.config = config
+        self.num_envs = num_envs
+        self.seed = seed
+        self.num_threads = num_threads
+        self._cfg = _core_config(config, seed)
+        self._cfg.validate()
+
+        def alloc(*shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        B, S = num_envs, config.size
+        self.grids = alloc(B, S, S, dtype=torch.uint8)
+        """uint8 [B, S, S] tile codes (Path 0, Mold 1, Gold 2), row-major."""
+        self.row = alloc(B, dtype=torch.int32)
+        self.col = alloc(B, dtype=torch.int32)
+        self.step_index = alloc(B, dtype=torch.int32)
+        self.wind_from = alloc(B, dtype=torch.int32)
+        self.episode = alloc(B, dtype=torch.int64)
+        self.step_key = alloc(B, dtype=torch.int64)  # uint64 bits; torch's uint64 support is thin
+        self.done = alloc(B, dtype=torch.uint8)
+        self.origin_env = alloc(B, dtype=torch.int64)
+        self.origin_episode = alloc(B, dtype=torch.int64)
+        self._state = core.StateView(
+            B, self.grids.data_ptr(), self.row.data_ptr(), self.col.data_ptr(),
+            self.step_index.data_ptr(), self.wind_from.data_ptr(), self.episode.data_ptr(),
+            self.step_key.data_ptr(), self.done.data_ptr(), self.origin_env.data_ptr(),
+            self.origin_episode.data_ptr())
+        # Step outputs are written into fixed buffers (no allocation per step); step() returns views.
+        self._reward = alloc(B, dtype=torch.float32)
+        self._tile_entered = alloc(B, dtype=torch.int32)
+        self._tile_pushed = alloc(B, dtype=torch.int32)
+        self._step_wind = alloc(B, dtype=torch.int32)
+        self._step_done = alloc(B, dtype=torch.uint8)
+        self._step_out = core.StepOut(
+            self._reward.data_ptr(), self._tile_entered.data_ptr(), self._tile_pushed.data_ptr(),
+            self._step_wind.data_ptr(), self._step_done.data_ptr())
+        self._call("reset", self._state, 0)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _call(self, name: str, *args):
+        """Call the CPU or CUDA entry point of the core: the one place the backend is chosen."""
+        core = _core()
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            with torch.cuda.device(self.device):
+                return getattr(core, "cuda_" + name)(self._cfg, *args, stream)
+        return getattr(core, "cpu_" + name)(self._cfg, *args, self.num_threads)
+
+    def _env_tensor(self, value, name: str, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+        """Check a per-env argument's shape and convert it to a contiguous tensor on our device."""
+        tensor = torch.as_tensor(value, device=self.device)
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+            raise ValueError(f"{name} must hold integers, got dtype {tensor.dtype}")
+        shape = (self.num_envs,) if width is None else (self.num_envs, width)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        return tensor.to(dtype).contiguous()
+
+    # -- episode control ------------------------------------------------------------------------
+    def reset(self, mask=None) -> None:
+        """Start the next episode (episode index + 1) of every env, or of those where mask is true."""
+        if mask is None:
+            self.episode += 1
+            self._call("reset", self._state, 0)
+            return
+        mask_tensor = self._env_tensor(mask, "mask", torch.uint8)
+        self.episode += mask_tensor.to(torch.int64)
+        self._call("reset", self._state, mask_tensor.data_ptr())
+
+    def step(self, actions) -> StepResult:
+        """Move every env by its action (0=N, 1=E, 2=S, 3=W). Invalid actions raise ValueError and
+        change nothing. The returned tensors are views of fixed buffers, overwritten by the next step."""
+        action_tensor = self._env_tensor(actions, "actions", torch.int32)
+        self._call("step", self._state, action_tensor.data_ptr(), self._step_out)
+        return StepResult(self._reward, self._tile_entered, self._tile_pushed, self._step_wind,
+                          self._step_done.bool())
+
+    def clone(self, src: int, dst_start: int, dst_stop: int, independent: bool = True) -> None:
+        """Copy env src's whole state into envs dst_start..dst_stop-1 (a GRPO group starts from one
+        maze). independent=True gives the copies their own future wind and shuffles."""
+        for name, value in (("src", src), ("dst_start", dst_start), ("dst_stop", dst_stop)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"clone {name} must be an int, got {value!r}")
+        self._call_plain("clone", src, dst_start, dst_stop, bool(independent))
+
+    def _call_plain(self, name: str, *args):
+        """Core calls that take no thread count / stream beyond the backend choice (clone)."""
+        core = _core()
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            return getattr(core, "cuda_" + name)(self._cfg, self._state, *args, stream)
+        return getattr(core, "cpu_" + name)(self._cfg, self._state, *args)
+
+    # -- observations ---------------------------------------------------------------------------
+    def observe(self) -> Observation:
+        neighbours = torch.empty(self.num_envs, 4, dtype=torch.int32, device=self.device)
+        order = torch.empty(self.num_envs, 4, dtype=torch.int32, device=self.device)
+        self._call("observe", self._state, neighbours.data_ptr(), order.data_ptr())
+        position = torch.stack([self.col, self.row], dim=1)
+        return Observation(neighbours, neighbours >= 0, order, position, self.step_index.clone(),
+                           self.wind_from.clone())
+
+    def render_text(self, indices=None) -> list[str]:
+        """The user-turn prompt text of each env (or of the given env indices)."""
+        observation = self.observe()
+        picked = range(self.num_envs) if indices is None else indices
+        neighbours = observation.neighbours.cpu().tolist()
+        order = observation.order.cpu().tolist()
+        rows, cols, winds = self.row.tolist(), self.col.tolist(), self.wind_from.tolist()
+        texts = T.fragment_texts(self.config)
+        out = []
+        for i in picked:
+            listed = [(d, neighbours[i][d]) for d in order[i] if d >= 0]
+            out.append(T.prompt_text(self.config, rows[i], cols[i], winds[i], listed, texts))
+        return out
+
+    def render_tokens(self, table: MazeTokenTable, out: torch.Tensor | None = None,
+                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write every env's user-turn token ids into out int32 [B, table.max_len] (padded with
+        table.pad_id) and lengths int32 [B], in C++/CUDA with no Python per env."""
+        if not isinstance(table, MazeTokenTable):
+            raise ValueError(f"table must be a MazeTokenTable, got {type(table).__name__}")
+        if (table.config.size, table.config.glyphs) != (self.config.size, self.config.glyphs):
+            raise ValueError(f"table was built for another MazeConfig: size {table.config.size} and glyphs "
+                             f"{table.config.glyphs!r}, the batch has {self.config.size} and {self.config.glyphs!r}")
+        width = table.max_len
+        if out is None:
+            out = torch.empty(self.num_envs, width, dtype=torch.int32, device=self.device)
+        if lengths is None:
+            lengths = torch.empty(self.num_envs, dtype=torch.int32, device=self.device)
+        self._check_buffer(out, "out", (self.num_envs, width), torch.int32)
+        self._check_buffer(lengths, "lengths", (self.num_envs,), torch.int32)
+        ids, offsets = table.flat_tensors(self.device)
+        core_table = _core().TokenTable(ids.data_ptr(), offsets.data_ptr(), len(table.fragment_ids),
+                                        width, table.pad_id)
+        self._call("render_tokens", self._state, core_table, out.data_ptr(), lengths.data_ptr())
+        return out, lengths
+
+    def oracle(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dist int32 [B], optimal bool [B, 4]): BFS moves to the nearest Gold through non-Mold
+        tiles (-1 if none) and the first moves of shortest paths (see docs/maze_spec.md)."""
+        dist = torch.empty(self.num_envs, dtype=torch.int32, device=self.device)
+        optimal = torch.empty(self.num_envs, 4, dtype=torch.uint8, device=self.device)
+        if self.device.type == "cuda":
+            # The CUDA oracle BFSes from every env at once in caller-provided scratch (9 bytes per
+            # cell per env); it works through the batch in chunks of as many envs as fit in it.
+            core = _core()
+            chunk = min(self.num_envs, ORACLE_CUDA_CHUNK_ENVS)
+            scratch = torch.empty(core.cuda_oracle_scratch_bytes(self._cfg, chunk), dtype=torch.uint8,
+                                  device=self.device)
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            core.cuda_oracle(self._cfg, self._state, dist.data_ptr(), optimal.data_ptr(), scratch.data_ptr(),
+                             scratch.numel(), stream)
+        else:
+            self._call("oracle", self._state, dist.data_ptr(), optimal.data_ptr())
+        return dist, optimal.bool()
+
+    def _check_buffer(self, tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != self.device:
+            raise ValueError(f"{name} is on {tensor.device}, the batch is on {self.device}")
+        if tensor.dtype != dtype:
+            raise ValueError(f"{name} must have dtype {dtype}, got {tensor.dtype}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")

@@ -1,0 +1,1 @@
+"""Model loading, steering integration and the generation engine."""

@@ -1,0 +1,1 @@
+"""RL in the maze: rollouts (now), Dr. GRPO / GRPO / token REINFORCE and the trainer (next)."""
