@@ -47,6 +47,8 @@ class RolloutResult:
     """int32 [B, steps]."""
     token_ids: list[list[int]]
     """Each env's whole conversation as token ids (prefix, turns, answers)."""
+    answer_positions: list[list[int]]
+    """Index in token_ids[i] of each of env i's answer tokens (where its log-prob is read)."""
 
     @property
     def returns(self) -> torch.Tensor:
@@ -68,6 +70,8 @@ def rollout(model, table: MazeTokenTable, maze: MazeBatch, config: RolloutConfig
     attention = torch.zeros(B, 0, dtype=torch.long, device=device)
     next_position = torch.zeros(B, dtype=torch.long, device=device)
     conversations = [list(table.conversation_prefix_ids) for _ in range(B)]
+    answer_positions: list[list[int]] = [[] for _ in range(B)]
+    cache_argument = _cache_argument_name(model)
     out = {name: torch.zeros(B, steps, dtype=dtype) for name, dtype in
            (("actions", torch.int64), ("logprobs", torch.float32), ("rewards", torch.float32),
             ("tiles_entered", torch.int32))}
@@ -93,7 +97,7 @@ def rollout(model, table: MazeTokenTable, maze: MazeBatch, config: RolloutConfig
         next_position = next_position + block_mask.sum(dim=1)
         attention = torch.cat([attention, block_mask], dim=1)
         logits = model(input_ids=block_ids, attention_mask=attention, position_ids=positions.clamp(min=0),
-                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+                       use_cache=True, **{cache_argument: cache}).logits[:, -1, :]
         valid = maze.observe().valid.to(device)
         move_logits = logits[:, action_ids].float().masked_fill(~valid, float("-inf"))
         log_probs = torch.log_softmax(move_logits, dim=-1)
@@ -109,6 +113,14 @@ def rollout(model, table: MazeTokenTable, maze: MazeBatch, config: RolloutConfig
         out["tiles_entered"][:, t] = result.tile_entered.cpu()
         for i in range(B):
             answer = [table.action_token_ids[int(actions[i])]]
+            answer_positions[i].append(len(conversations[i]))
             conversations[i] += answer + table.assistant_end_ids
             previous_answer[i] = answer + list(table.assistant_end_ids)
-    return RolloutResult(token_ids=conversations, **out)
+    return RolloutResult(token_ids=conversations, answer_positions=answer_positions, **out)
+
+
+def _cache_argument_name(model) -> str:
+    """transformers renamed forward's past_key_values to cache (5.2x); the GPU image has 5.17."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

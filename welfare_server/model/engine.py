@@ -1,0 +1,922 @@
+"""The generation engine: per-request steering, continuous batching, its own KV cache and loop.
+
+Engine reuses the Hugging Face model's weights and submodules but runs its own decode loop
+(embed -> per layer: steer at block input fused with the input RMSNorm -> attention over the
+engine's KV cache -> MLP -> steer at block output -> final norm -> lm_head -> sampling), so there
+are no forward hooks on the hot path and the whole step can be captured in a CUDA graph.
+
+Fast-path families (loading.FAST_PATH_FAMILIES): Llama, Mistral, Qwen2, Qwen3, Gemma (v1): a
+pre-norm block `h + attn(norm1(h))`, `h + mlp(norm2(h))` with RoPE, GQA, optional q/k norms
+(Qwen3), per-layer sliding windows (Mistral; Qwen2/Qwen3 layer_types), Gemma's sqrt(D)-scaled
+embedding and (1 + w) RMSNorm weights. Other families (Gemma2/3 with their extra norms and
+soft-capping, Phi, GPT-2, ...) are refused by Engine with a clear error; use
+hf_reference.hf_generate_steered for them (slow, hook-based). Rotary types whose table depends
+on the sequence length (dynamic NTK) are refused too.
+
+Numerics: fp32 on CPU matches HF generate's greedy tokens (tests). Gemma's norm is applied as
+bf16(xn) * bf16(1 + w) in half precision, where HF computes (xn * (1 + w)) in fp32: exact in fp32,
+a last-bit difference in bf16.
+
+Scheduling: step() (1) retires cancelled requests, (2) admits waiting requests into free slots
+(FIFO; a request whose vectors do not fit in the bank waits at the head), prefills them in padded
+batches and samples their first token, (3) decodes one token for every running request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from welfare_server.kernels import MAX_TERMS, steer, steer_rmsnorm
+from welfare_server.model.loading import FAST_PATH_FAMILIES, LoadedModel
+from welfare_server.model.prompts import render_chat
+from welfare_server.model.steering import (BLOCK_INPUT, BLOCK_OUTPUT, POINTS, ResolvedSteering,
+                                           SteeringError, SteeringSpec, VectorBank,
+                                           prompt_steer_mask, resolve_spec, validate_spec)
+
+
+class RequestRefused(ValueError):
+    """A request can never run under the engine's limits (or the queue is full); the message
+    names the limit."""
+
+
+@dataclass
+class EngineConfig:
+    """Limits and switches of one Engine. All memory is allocated from these at construction."""
+
+    max_batch_slots: int = 32
+    """Requests running at once (rows of the KV cache and of the term tables)."""
+    max_context_len: int = 2048
+    """Prompt + generated tokens per request; longer requests are refused at submit."""
+    max_bank_vectors: int = 256
+    """Steering vectors resident on the device (persistent ones + those of running requests)."""
+    max_terms_per_row: int = MAX_TERMS
+    """Terms one request may apply at one (layer, point); width of the term tables."""
+    max_monitor_vectors: int = 64
+    """Monitor vectors resident at once (all running requests together)."""
+    max_prefill_tokens: int = 8192
+    """Padded prompt tokens (rows x longest prompt) per prefill batch; bounds activation memory."""
+    max_waiting: int = 4096
+    """Queued (not yet admitted) requests; submit refuses beyond this."""
+    use_cuda_graphs: bool = True
+    """Capture the decode step in CUDA graphs (CUDA only; ignored on CPU)."""
+    static_decode: bool | None = None
+    """Decode all slots [0, bucket) with fixed buffers (the graph path). None: on iff CUDA graphs
+    are used. True on CPU runs the same static code without graphs (tests exercise it)."""
+    graph_batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    """Batch sizes a decode graph is captured for (the smallest bucket >= highest used slot + 1)."""
+    graph_ctx_bucket: int = 256
+    """Attention in a static step reads the cache up to the next multiple of this many tokens,
+    so short contexts don't pay for max_context_len."""
+    fuse_weights: bool = True
+    """Concatenate q/k/v and gate/up weights into one matmul each; the HF modules' parameters
+    become views into the fused tensors, so memory is not duplicated and HF's forward still works."""
+    seed: int = 0
+    """Seeds drawn for requests that give none come from this."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. temperature 0 = greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = no top-k."""
+    seed: int | None = None
+    """Same seed + same prompt + same params = same tokens, whatever else is in the batch."""
+    max_new_tokens: int = 64
+    stop_strings: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    """Extra stop ids; the tokenizer's eos is a stop id too unless ignore_eos."""
+    ignore_eos: bool = False
+    logprobs: bool = False
+    """Return the log-probability of each chosen token under the model's distribution
+    (raw logits: before temperature, top-k and top-p)."""
+
+
+@dataclass
+class MonitorSpec:
+    """Per-token projections of the residual at `layers`/`point` onto `vectors`."""
+
+    vectors: torch.Tensor
+    """[M, D]."""
+    layers: Sequence[int]
+    point: str = "block_input"
+    """Post-steering residual entering the block, or the block's (steered) output."""
+
+
+@dataclass
+class Request:
+    prompt: Sequence[int] | None = None
+    """Token ids (no roles: under ASSISTANT_AND_GENERATED scope none of them is steered unless
+    prompt_roles says so). Exactly one of prompt / messages."""
+    messages: Sequence[dict] | None = None
+    """Chat messages; the tokenizer's template is applied with a generation prompt."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    steering: SteeringSpec | None = None
+    monitor: MonitorSpec | None = None
+    prompt_roles: Sequence[str] | None = None
+    """Role of each prompt token (only with `prompt`)."""
+    request_id: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    """"stop" (stop id or string), "length" (max_new_tokens), "cancelled"; None while running."""
+    logprobs: list[float] | None = None
+    monitor: torch.Tensor | None = None
+    """fp32 [n_tokens, len(layers), M]: row i is the residual of the forward pass that produced
+    token i (for token 0 the last prompt position)."""
+
+
+class RequestHandle:
+    def __init__(self, engine: "Engine", seq: "_Seq"):
+        self._engine = engine
+        self._seq = seq
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.output.request_id
+
+    @property
+    def done(self) -> bool:
+        return self._seq.output.finish_reason is not None
+
+    @property
+    def output(self) -> RequestOutput:
+        return self._engine._materialise(self._seq)
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+
+@dataclass
+class _Seq:
+    request: Request
+    output: RequestOutput
+    prompt_ids: list[int]
+    roles: list[str] | None
+    steering: ResolvedSteering | None = None
+    slot: int = -1
+    length: int = 0  # tokens in the cache
+    next_token: int = -1
+    seed: int = 0
+    stop_ids: frozenset = frozenset()
+    monitor_ids: list[int] = field(default_factory=list)
+    monitor_lp: list[tuple[int, int]] = field(default_factory=list)
+    monitor_rows: list[torch.Tensor] = field(default_factory=list)
+    cancelled: bool = False
+    new_vectors: int = 0
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm semantics (what the fused kernel computes for the steered rows)."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        # Same maths in one fused op (6 eager ops -> 1: ~1 ms/step at 30 layers on CPU).
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    xs = x.float()
+    xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xs.to(x.dtype)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 on int64 tensors holding 32-bit values (products wrap; low bits exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Counter-based Gumbel noise [B, V] from (seed, step, token id): no generator state, so a
+    row's draws do not depend on the batch around it, and it runs inside a CUDA graph."""
+    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :]
+    key = _hash32((seed[:, None] & _M32) ^ _hash32((step[:, None] * 0x9E3779B1) & _M32))
+    key = _hash32(key ^ ((seed[:, None] >> 32) & _M32))
+    h = _hash32((idx * 0x27D4EB2F + key) & _M32)
+    h = _hash32(h ^ key)
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exactly representable
+    return -torch.log(-torch.log(u))
+
+
+class _Layer:
+    """What the loop needs from one HF decoder layer (views of its weights, its submodules)."""
+
+    def __init__(self, block, config, family: str, fuse: bool, dtype):
+        attn, mlp = block.self_attn, block.mlp
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = float(attn.scaling)
+        gemma = family == "gemma"
+        self.norm1_w = (1.0 + block.input_layernorm.weight.float()).to(dtype) if gemma else block.input_layernorm.weight
+        self.norm2_w = (1.0 + block.post_attention_layernorm.weight.float()).to(dtype) if gemma else block.post_attention_layernorm.weight
+        self.eps1 = float(getattr(block.input_layernorm, "variance_epsilon", getattr(block.input_layernorm, "eps", 1e-6)))
+        self.eps2 = float(getattr(block.post_attention_layernorm, "variance_epsilon", getattr(block.post_attention_layernorm, "eps", 1e-6)))
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        window = getattr(attn, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if window is None and layer_types is not None and not hasattr(attn, "sliding_window"):
+            # Releases whose attention module does not carry its window: read it from the config.
+            if layer_types[attn.layer_idx] == "sliding_attention":
+                window = getattr(config, "sliding_window", None)
+        if window is None and family == "mistral":
+            window = getattr(config, "sliding_window", None)
+        self.window = int(window) if window else None
+        self.act = mlp.act_fn
+        self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
+        self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.inter = mlp.gate_proj.weight.shape[0]
+        if fuse:
+            self.qkv_w = self._fuse([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
+            self.qkv_b = self._fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
+            self.gu_w = self._fuse([mlp.gate_proj, mlp.up_proj], "weight")
+            self.gu_b = self._fuse([mlp.gate_proj, mlp.up_proj], "bias")
+            self.fused = True
+        else:
+            self.mods = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+            self.fused = False
+
+    @staticmethod
+    def _fuse(mods, name):
+        """Concatenate, then make each module's parameter a view of the fused tensor."""
+        parts = [getattr(m, name) for m in mods]
+        if parts[0] is None:
+            return None
+        base = parts[0]._base
+        if base is not None and all(p._base is base for p in parts):
+            return base  # already fused by an earlier Engine on this model
+        fused = torch.cat([p.detach() for p in parts], dim=0)
+        off = 0
+        for m, p in zip(mods, parts):
+            n = p.shape[0]
+            setattr(m, name, torch.nn.Parameter(fused[off:off + n], requires_grad=False))
+            off += n
+        return fused
+
+    def qkv(self, x):
+        if self.fused:
+            y = F.linear(x, self.qkv_w, self.qkv_b)
+            return y.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        return tuple(F.linear(x, m.weight, m.bias) for m in self.mods[:3])
+
+    def mlp(self, x):
+        if self.fused:
+            gu = F.linear(x, self.gu_w, self.gu_b)
+            g, u = gu.split((self.inter, self.inter), dim=-1)
+        else:
+            g = F.linear(x, self.mods[3].weight, self.mods[3].bias)
+            u = F.linear(x, self.mods[4].weight, self.mods[4].bias)
+        return F.linear(self.act(g) * u, self.down_w, self.down_b)
+
+
+class Engine:
+    """Continuous-batching generation with per-request steering. See the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.cfg = cfg = config or EngineConfig()
+        self.loaded = loaded
+        model = loaded.model
+        hf_cfg = model.config
+        family = getattr(hf_cfg, "model_type", "?")
+        if family not in FAST_PATH_FAMILIES:
+            raise NotImplementedError(
+                f"Engine: model family {family!r} is not on the fast path ({', '.join(FAST_PATH_FAMILIES)}); "
+                "use welfare_server.model.hf_reference for hook-based steering of other families")
+        rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
+            raise NotImplementedError(f"Engine: rope_type {rope.get('rope_type')!r} depends on the "
+                                      "sequence length; not supported on the fast path")
+        if cfg.max_terms_per_row < 1 or cfg.max_terms_per_row > MAX_TERMS:
+            raise ValueError(f"EngineConfig.max_terms_per_row must be in [1, {MAX_TERMS}] (kernel limit)")
+        self.family = family
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.lm = model
+        inner = model.model
+        self.embed = inner.embed_tokens
+        # Gemma scales embeddings by sqrt(D) (in the model's dtype); newer transformers fold that
+        # into a scaled embedding module (with an embed_scale buffer), older ones do it in forward.
+        self.embed_scale = None
+        if family == "gemma" and not hasattr(self.embed, "embed_scale"):
+            self.embed_scale = torch.tensor(hf_cfg.hidden_size ** 0.5, dtype=self.dtype)
+        self.layers = [_Layer(b, hf_cfg, family, cfg.fuse_weights, self.dtype) for b in inner.layers]
+        self.L = len(self.layers)
+        self.D = hf_cfg.hidden_size
+        self.final_w = (1.0 + inner.norm.weight.float()).to(self.dtype) if family == "gemma" else inner.norm.weight
+        self.final_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))
+        self.lm_head = model.lm_head
+        self.vocab = self.lm_head.weight.shape[0]
+        l0 = self.layers[0]
+        S, T = cfg.max_batch_slots, cfg.max_context_len
+        dev = self.device
+        with torch.inference_mode():
+            # RoPE table for every position, computed once by the model's own rotary module
+            # (identical elementwise maths to calling it per step).
+            pos = torch.arange(T, device=dev)[None]
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=dev), pos)
+        self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [T, head_dim]
+        # KV cache [L, S, kv_heads, T, head_dim]: all memory the engine will ever use for it.
+        self.k_cache = torch.zeros(self.L, S, l0.n_kv, T, l0.head_dim, dtype=self.dtype, device=dev)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        # Vector bank and per-slot term tables (fixed buffers: graphs read their addresses).
+        self.bank = VectorBank(cfg.max_bank_vectors, self.D, dev)
+        self.monitor_bank = VectorBank(cfg.max_monitor_vectors, self.D, dev)
+        NT = cfg.max_terms_per_row
+        self.tv = torch.full((self.L, 2, S, NT), -1, dtype=torch.int32, device=dev)
+        self.tc = torch.zeros((self.L, 2, S, NT), dtype=torch.float32, device=dev)
+        self.tm = torch.zeros((self.L, 2, S, NT), dtype=torch.int32, device=dev)
+        self._slot_width = torch.zeros((S, self.L, 2), dtype=torch.int64)  # host copy: terms per slot
+        # Static-step input buffers.
+        self.ids_buf = torch.zeros(S, dtype=torch.long, device=dev)
+        self.pos_buf = torch.zeros(S, dtype=torch.long, device=dev)
+        self._graphs: dict = {}
+        self._graph_pool = None
+        use_graphs = cfg.use_cuda_graphs and dev.type == "cuda"
+        self.use_graphs = use_graphs
+        self.static = use_graphs if cfg.static_decode is None else bool(cfg.static_decode)
+        self._free_slots = list(range(S - 1, -1, -1))
+        self._slots: list[_Seq | None] = [None] * S
+        self._waiting: list[_Seq] = []
+        self._ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(cfg.seed)
+        self._tables_cache = None
+        tok = None
+        try:
+            tok = loaded.tokenizer
+        except Exception:  # noqa: BLE001 - a model without tokenizer still generates token ids
+            tok = None
+        self.tokenizer = tok
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(hf_cfg, "eos_token_id", None)
+        if eos is None and tok is not None:
+            eos = tok.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    # ------------------------------------------------------------------ public API
+    def register_vector(self, vector: torch.Tensor) -> int:
+        """Put a persistent vector in the bank; returns the id SteeringTerm.vector may use."""
+        return self.bank.add(vector)
+
+    def remove_vector(self, idx: int) -> None:
+        self.bank.release(idx)
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Validate and queue a request. Raises RequestRefused / SteeringError when it can never
+        run under the configured limits."""
+        cfg = self.cfg
+        if len(self._waiting) >= cfg.max_waiting:
+            raise RequestRefused(f"queue full: max_waiting={cfg.max_waiting} requests already waiting")
+        roles = None
+        if (request.prompt is None) == (request.messages is None):
+            raise RequestRefused("request: give exactly one of prompt (token ids) or messages")
+        if request.messages is not None:
+            if self.tokenizer is None:
+                raise RequestRefused("request.messages: this model has no tokenizer")
+            ids, roles = render_chat(self.tokenizer, request.messages)
+        else:
+            ids = [int(t) for t in request.prompt]
+            roles = list(request.prompt_roles) if request.prompt_roles is not None else None
+            if roles is not None and len(roles) != len(ids):
+                raise RequestRefused(f"request.prompt_roles: {len(roles)} roles for {len(ids)} tokens")
+        sp = request.sampling
+        if not ids:
+            raise RequestRefused("request.prompt: empty")
+        if any(t < 0 or t >= self.vocab for t in ids):
+            raise RequestRefused(f"request.prompt: token id out of range [0, {self.vocab})")
+        if sp.max_new_tokens < 1:
+            raise RequestRefused("sampling.max_new_tokens must be >= 1")
+        if len(ids) + sp.max_new_tokens > cfg.max_context_len:
+            raise RequestRefused(
+                f"request: prompt ({len(ids)} tokens) + sampling.max_new_tokens ({sp.max_new_tokens}) "
+                f"exceeds max_context_len={cfg.max_context_len}")
+        if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
+            raise RequestRefused("sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        new_vectors = validate_spec(request.steering, self.L, self.D, cfg.max_terms_per_row, self.bank)
+        if new_vectors > self.bank.capacity:
+            raise RequestRefused(f"steering: {new_vectors} new vectors exceed max_bank_vectors={self.bank.capacity}")
+        if request.monitor is not None:
+            m = request.monitor
+            if m.vectors.dim() != 2 or m.vectors.shape[1] != self.D:
+                raise RequestRefused(f"monitor.vectors: shape {tuple(m.vectors.shape)}, expected (M, {self.D})")
+            if m.vectors.shape[0] > cfg.max_monitor_vectors:
+                raise RequestRefused(f"monitor.vectors: {m.vectors.shape[0]} exceed max_monitor_vectors={cfg.max_monitor_vectors}")
+            if m.point not in POINTS:
+                raise RequestRefused(f"monitor.point: {m.point!r} is not one of {list(POINTS)}")
+            for layer in m.layers:
+                if not -self.L <= layer < self.L:
+                    raise RequestRefused(f"monitor.layers: {layer} out of range [0, {self.L})")
+        rid = request.request_id or f"req-{next(self._ids)}"
+        seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        stop = set(int(t) for t in sp.stop_token_ids)
+        if not sp.ignore_eos:
+            stop |= self.eos_ids
+        seq = _Seq(request=request, output=RequestOutput(rid, list(ids), logprobs=[] if sp.logprobs else None),
+                   prompt_ids=list(ids), roles=roles, seed=seed, stop_ids=frozenset(stop),
+                   new_vectors=new_vectors)
+        self._waiting.append(seq)
+        return RequestHandle(self, seq)
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Mark a request cancelled; its slot is freed at the start of the next step."""
+        handle._seq.cancelled = True
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self.num_running > 0
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns the outputs of requests finished during it."""
+        finished: list[_Seq] = []
+        for seq in list(self._waiting):
+            if seq.cancelled:
+                self._waiting.remove(seq)
+                seq.output.finish_reason = "cancelled"
+                finished.append(seq)
+        for seq in self._slots:
+            if seq is not None and seq.cancelled:
+                self._finish(seq, "cancelled")
+                finished.append(seq)
+        new = self._admit()
+        if new:
+            budget = max(1, self.cfg.max_prefill_tokens)
+            group: list[_Seq] = []
+            for seq in sorted(new, key=lambda s: len(s.prompt_ids)):
+                longest = max([len(s.prompt_ids) for s in group] + [len(seq.prompt_ids)])
+                if group and longest * (len(group) + 1) > budget:
+                    finished += self._prefill(group)
+                    group = []
+                group.append(seq)
+            finished += self._prefill(group)
+        running = [s for s in self._slots if s is not None and s.output.finish_reason is None]
+        if running:
+            finished += self._decode(running)
+        return [self._materialise(s) for s in finished]
+
+    def run_until_done(self, max_steps: int | None = None) -> None:
+        steps = 0
+        while self.has_work():
+            self.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+
+    def generate(self, requests: Sequence[Request]) -> list[RequestOutput]:
+        handles = [self.submit(r) for r in requests]
+        self.run_until_done()
+        return [h.output for h in handles]
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self) -> list[_Seq]:
+        new = []
+        while self._waiting and self._free_slots:
+            seq = self._waiting[0]
+            req = seq.request
+            n_mon = 0 if req.monitor is None else req.monitor.vectors.shape[0]
+            if seq.new_vectors > self.bank.num_free or n_mon > self.monitor_bank.num_free:
+                break  # waits (FIFO) until running requests release bank slots
+            self._waiting.pop(0)
+            seq.slot = self._free_slots.pop()
+            self._slots[seq.slot] = seq
+            seq.steering = resolve_spec(req.steering, self.L, self.cfg.max_terms_per_row, self.bank)
+            s = seq.slot
+            self.tv[:, :, s].copy_(seq.steering.vector)
+            self.tc[:, :, s].copy_(seq.steering.coef)
+            self.tm[:, :, s].copy_(seq.steering.mode)
+            self._slot_width[s] = seq.steering.width
+            if req.monitor is not None:
+                seq.monitor_ids = [self.monitor_bank.add(v) for v in req.monitor.vectors]
+                p = POINTS[req.monitor.point]
+                seq.monitor_lp = [(l % self.L, p) for l in req.monitor.layers]
+            new.append(seq)
+        if new:
+            self._tables_cache = None
+        return new
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        seq.output.finish_reason = reason
+        if seq.slot >= 0:
+            s = seq.slot
+            self.tv[:, :, s].fill_(-1)
+            self._slot_width[s].zero_()
+            self._slots[s] = None
+            self._free_slots.append(s)
+            self._free_slots.sort(reverse=True)  # lowest slot first keeps the batch dense
+            seq.slot = -1
+            self._tables_cache = None
+        if seq.steering is not None:
+            for idx in seq.steering.owned_ids:
+                self.bank.release(idx)
+            seq.steering.owned_ids = []
+        for idx in seq.monitor_ids:
+            self.monitor_bank.release(idx)
+        seq.monitor_ids = []
+
+    def _materialise(self, seq: _Seq) -> RequestOutput:
+        out = seq.output
+        if seq.monitor_rows:
+            out.monitor = torch.stack(seq.monitor_rows)
+        if self.tokenizer is not None and out.token_ids and not seq.request.sampling.stop_strings:
+            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        return out
+
+    # ------------------------------------------------------------------ model pieces
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale.to(h.device)
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(_rmsnorm(h, self.final_w, self.final_eps)).float()
+
+    def _steer_point(self, h, tables, layer, point, mon, mon_out):
+        """Apply (layer, point) terms to h [T, D]; returns h. tables: dict or None."""
+        t = tables.get((layer, point)) if tables else None
+        if t is not None:
+            h, _ = steer(h, self.bank.tensor, *t, check_values=False)
+        if mon is not None and (layer, point) in mon:
+            mon_out[(layer, point)] = h.float() @ self.monitor_bank.tensor.t()
+        return h
+
+    def _forward(self, h, attend, tables, mon=None, mon_out=None):
+        """The layer stack on h [T, D]. attend(layer_idx, layer, q, k, v) -> [T, H*hd]."""
+        for i, lay in enumerate(self.layers):
+            t_in = tables.get((i, BLOCK_INPUT)) if tables else None
+            if t_in is not None:
+                h, x, _ = steer_rmsnorm(h, self.bank.tensor, *t_in, lay.norm1_w, lay.eps1, check_values=False)
+            else:
+                x = _rmsnorm(h, lay.norm1_w, lay.eps1)
+            if mon is not None and (i, BLOCK_INPUT) in mon:
+                mon_out[(i, BLOCK_INPUT)] = h.float() @ self.monitor_bank.tensor.t()
+            q, k, v = lay.qkv(x)
+            T = h.shape[0]
+            q = q.reshape(T, lay.n_heads, lay.head_dim)
+            k = k.reshape(T, lay.n_kv, lay.head_dim)
+            v = v.reshape(T, lay.n_kv, lay.head_dim)
+            if lay.q_norm is not None:
+                q = lay.q_norm(q)
+                k = lay.k_norm(k)
+            a = attend(i, lay, q, k, v)
+            h = h + F.linear(a, lay.o_w, lay.o_b)
+            h = h + lay.mlp(_rmsnorm(h, lay.norm2_w, lay.eps2))
+            h = self._steer_point(h, tables, i, BLOCK_OUTPUT, mon, mon_out)
+        return h
+
+    def _rope_tables(self, pos):
+        """cos/sin [T, 1, hd] for positions pos, gathered once per step (not per layer)."""
+        return self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+
+    @staticmethod
+    def _rope(q, k, cs):
+        cos, sin = cs
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, seqs: list[_Seq]) -> list[_Seq]:
+        """Padded batch prefill of newly admitted requests; samples their first token."""
+        if not seqs:
+            return []
+        dev = self.device
+        N = len(seqs)
+        lens = [len(s.prompt_ids) for s in seqs]
+        Tm = max(lens)
+        ids = torch.zeros((N, Tm), dtype=torch.long)
+        valid = torch.zeros((N, Tm), dtype=torch.bool)
+        steer_mask = torch.zeros((N, Tm), dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            n = lens[r]
+            ids[r, :n] = torch.tensor(s.prompt_ids)
+            valid[r, :n] = True
+            steer_mask[r, :n] = prompt_steer_mask(s.steering.scope, s.roles, n)
+        ids, valid, steer_mask = ids.to(dev), valid.to(dev), steer_mask.to(dev)
+        pos = torch.arange(Tm, device=dev)
+        flat_pos = pos.repeat(N)
+        # (slot, position) of every real token, for the cache writes.
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        vr, vc = valid.nonzero(as_tuple=True)
+        w_slot, w_pos = slots[vr], vc
+        causal = pos[None, :] <= pos[:, None]  # [Tq, Tk]
+        key_ok = valid[:, None, None, :]  # [N, 1, 1, Tk]
+        masks = {}
+
+        def mask_for(window):
+            if window not in masks:
+                m = causal if window is None else causal & (pos[None, :] > pos[:, None] - window)
+                masks[window] = m[None, None] & key_ok
+            return masks[window]
+
+        cs = self._rope_tables(flat_pos)
+
+        def attend(i, lay, q, k, v):
+            q, k = self._rope(q, k, cs)
+            k4 = k.view(N, Tm, lay.n_kv, lay.head_dim)
+            v4 = v.view(N, Tm, lay.n_kv, lay.head_dim)
+            self.k_cache[i][w_slot, :, w_pos] = k4[vr, vc]
+            self.v_cache[i][w_slot, :, w_pos] = v4[vr, vc]
+            g = lay.n_heads // lay.n_kv
+            qh = q.view(N, Tm, lay.n_heads, lay.head_dim).transpose(1, 2)
+            kh = k4.transpose(1, 2).repeat_interleave(g, dim=1) if g > 1 else k4.transpose(1, 2)
+            vh = v4.transpose(1, 2).repeat_interleave(g, dim=1) if g > 1 else v4.transpose(1, 2)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask_for(lay.window), scale=lay.scaling)
+            return o.transpose(1, 2).reshape(N * Tm, lay.n_heads * lay.head_dim)
+
+        # Per-token term tables: each row's terms on the tokens its scope covers, -1 elsewhere.
+        tables = {}
+        used = torch.stack([s.steering.used for s in seqs]).any(0)  # [L, 2]
+        width = torch.stack([s.steering.width for s in seqs]).amax(0)
+        tok_mask = steer_mask.reshape(-1)[:, None]
+        for l, p in used.nonzero().tolist():
+            w = int(width[l, p])
+            rows = lambda t: t[l, p, slots][:, None, :w].expand(N, Tm, w).reshape(N * Tm, w)  # noqa: E731
+            tvr = torch.where(tok_mask, rows(self.tv), torch.full((), -1, dtype=torch.int32, device=dev))
+            tables[(l, p)] = (tvr.contiguous(), rows(self.tc).contiguous(), rows(self.tm).contiguous())
+        mon = self._monitor_set(seqs)
+        mon_out = {}
+        h = self._embed(ids.reshape(-1))
+        h = self._forward(h, attend, tables, mon, mon_out)
+        last = torch.tensor([r * Tm + n - 1 for r, n in enumerate(lens)], device=dev)
+        logits = self._logits(h[last])
+        for s, n in zip(seqs, lens):
+            s.length = n
+        mon_last = {k: v[last] for k, v in mon_out.items()}
+        return self._sample_and_advance(seqs, logits, mon_last)
+
+    def _monitor_set(self, seqs):
+        lp = set()
+        for s in seqs:
+            lp.update(s.monitor_lp)
+        return lp or None
+
+    # ------------------------------------------------------------------ decode
+    def _decode_tables(self, slots_t, rows_key):
+        """Term tables of the running rows (rebuilt only when the batch composition changes)."""
+        if self._tables_cache is not None and self._tables_cache[0] == rows_key:
+            return self._tables_cache[1]
+        slot_list = list(rows_key)
+        widths = self._slot_width[slot_list].amax(0)  # [L, 2]
+        tables = {}
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+        for l, p in (widths > 0).nonzero().tolist():
+            w = int(widths[l, p])
+            if contiguous:
+                sl = slice(slot_list[0], slot_list[0] + len(slot_list))
+                tables[(l, p)] = (self.tv[l, p, sl, :w], self.tc[l, p, sl, :w], self.tm[l, p, sl, :w])
+            else:
+                tables[(l, p)] = tuple(t[l, p, slots_t, :w].contiguous() for t in (self.tv, self.tc, self.tm))
+        self._tables_cache = (rows_key, tables)
+        return tables
+
+    def _decode(self, seqs: list[_Seq]) -> list[_Seq]:
+        if self.static:
+            return self._decode_static(seqs)
+        dev = self.device
+        B = len(seqs)
+        slot_list = tuple(s.slot for s in seqs)
+        slots = torch.tensor(slot_list, device=dev)
+        pos = torch.tensor([s.length for s in seqs], device=dev)
+        ids = torch.tensor([s.next_token for s in seqs], device=dev)
+        ctx = max(s.length for s in seqs) + 1
+        contiguous = list(slot_list) == list(range(slot_list[0], slot_list[0] + B))
+        s0 = slot_list[0]
+        kpos = torch.arange(ctx, device=dev)
+        masks = {}
+
+        def mask_for(window):
+            if window not in masks:
+                m = kpos[None, :] <= pos[:, None]
+                if window is not None:
+                    m = m & (kpos[None, :] > pos[:, None] - window)
+                masks[window] = m[:, None, None, :]  # [B, 1, 1, ctx]
+            return masks[window]
+
+        cs = self._rope_tables(pos)
+
+        def attend(i, lay, q, k, v):
+            q, k = self._rope(q, k, cs)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[slots, :, pos] = k
+            vc[slots, :, pos] = v
+            if contiguous:  # a view: no copy of the cache
+                K, V = kc[s0:s0 + B, :, :ctx], vc[s0:s0 + B, :, :ctx]
+            else:
+                K, V = kc[slots, :, :ctx], vc[slots, :, :ctx]
+            g = lay.n_heads // lay.n_kv
+            # GQA without repeating K/V: the g query heads of a kv head become g query rows.
+            qg = q.view(B, lay.n_kv, g, lay.head_dim)
+            o = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask_for(lay.window), scale=lay.scaling)
+            return o.reshape(B, lay.n_heads * lay.head_dim)
+
+        tables = self._decode_tables(slots, slot_list)
+        mon = self._monitor_set(seqs)
+        mon_out = {}
+        h = self._embed(ids)
+        h = self._forward(h, attend, tables, mon, mon_out)
+        logits = self._logits(h)
+        for s in seqs:
+            s.length += 1
+        return self._sample_and_advance(seqs, logits, mon_out)
+
+    # --- static (CUDA-graph) decode: all slots [0, bucket), fixed buffers, no host syncs inside.
+    def _bucket(self, n: int) -> int:
+        for b in self.cfg.graph_batch_buckets:
+            if b >= n and b <= self.cfg.max_batch_slots:
+                return b
+        return self.cfg.max_batch_slots
+
+    def _static_step(self, B: int, ctx: int, steer_in: bool, steer_out: bool):
+        """Logits [B, V] for slots [0, B) from ids_buf/pos_buf; every shape depends only on
+        (B, ctx), every tensor read is a fixed buffer, so the call can be graph-captured."""
+        pos = self.pos_buf[:B]
+        kpos = torch.arange(ctx, device=self.device)
+        base = kpos[None, :] <= pos[:, None]
+        masks = {}
+        rows = torch.arange(B, device=self.device)
+
+        cs = self._rope_tables(pos)
+
+        def attend(i, lay, q, k, v):
+            q, k = self._rope(q, k, cs)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
+            if lay.window not in masks:
+                m = base if lay.window is None else base & (kpos[None, :] > pos[:, None] - lay.window)
+                masks[lay.window] = m[:, None, None, :]
+            g = lay.n_heads // lay.n_kv
+            qg = q.view(B, lay.n_kv, g, lay.head_dim)
+            o = F.scaled_dot_product_attention(qg, kc[:B, :, :ctx], vc[:B, :, :ctx],
+                                               attn_mask=masks[lay.window], scale=lay.scaling)
+            return o.reshape(B, lay.n_heads * lay.head_dim)
+
+        tables = {}
+        for l in range(self.L):
+            for p, on in ((BLOCK_INPUT, steer_in), (BLOCK_OUTPUT, steer_out)):
+                if on:
+                    tables[(l, p)] = (self.tv[l, p, :B], self.tc[l, p, :B], self.tm[l, p, :B])
+        h = self._embed(self.ids_buf[:B])
+        h = self._forward(h, attend, tables)
+        return self._logits(h)
+
+    def _decode_static(self, seqs: list[_Seq]) -> list[_Seq]:
+        if any(s.monitor_lp for s in seqs):
+            # Monitoring reads per-layer projections on the host; it runs the eager path.
+            saved, self.static = self.static, False
+            try:
+                return self._decode(seqs)
+            finally:
+                self.static = saved
+        B = self._bucket(max(s.slot for s in seqs) + 1)
+        ctx_needed = max(s.length for s in seqs) + 1
+        cb = self.cfg.graph_ctx_bucket
+        ctx = min(self.cfg.max_context_len, -(-ctx_needed // cb) * cb)
+        widths = self._slot_width[[s.slot for s in seqs]].amax(0)
+        steer_in, steer_out = bool(widths[:, BLOCK_INPUT].any()), bool(widths[:, BLOCK_OUTPUT].any())
+        # Inactive slots in [0, B) run on token 0 at position 0: harmless, their cache rows are
+        # rewritten by the next prefill that claims the slot.
+        ids = torch.zeros(self.cfg.max_batch_slots, dtype=torch.long)
+        pos = torch.zeros(self.cfg.max_batch_slots, dtype=torch.long)
+        for s in seqs:
+            ids[s.slot] = s.next_token
+            pos[s.slot] = s.length
+        self.ids_buf.copy_(ids, non_blocking=True)
+        self.pos_buf.copy_(pos, non_blocking=True)
+        key = (B, ctx, steer_in, steer_out)
+        if self.use_graphs:
+            logits_all = self._graph_run(key)
+        else:
+            logits_all = self._static_step(*key)
+        logits = logits_all[torch.tensor([s.slot for s in seqs], device=self.device)]
+        for s in seqs:
+            s.length += 1
+        return self._sample_and_advance(seqs, logits, {})
+
+    def _graph_run(self, key):
+        entry = self._graphs.get(key)
+        if entry is None:
+            # Warm up on a side stream (Triton JIT, cuBLAS handles), then capture. Capture per
+            # (bucket, ctx bucket, steering on/off) takes milliseconds, not a compilation.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._static_step(*key)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = self._static_step(*key)
+            entry = self._graphs[key] = (graph, out)
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None, ctx: int | None = None) -> float:
+        """Capture decode graphs ahead of traffic; returns seconds spent. No-op off CUDA."""
+        if not self.use_graphs:
+            return 0.0
+        t0 = time.perf_counter()
+        ctx = ctx or self.cfg.graph_ctx_bucket
+        with torch.inference_mode():
+            for b in batch_sizes or [b for b in self.cfg.graph_batch_buckets if b <= self.cfg.max_batch_slots]:
+                for steer_in in (False, True):
+                    self._graph_run((b, min(ctx, self.cfg.max_context_len), steer_in, False))
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor):
+        """tokens [B] (device) and chosen-token logprobs [B] or None."""
+        B, V = logits.shape
+        dev = logits.device
+        sps = [s.request.sampling for s in seqs]
+        greedy = all(sp.temperature == 0 for sp in sps)
+        if greedy:
+            tokens = logits.argmax(-1)
+        else:
+            temp = torch.tensor([sp.temperature if sp.temperature > 0 else 1.0 for sp in sps], device=dev)
+            scaled = logits / temp[:, None]
+            if any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps):
+                srt, idx = scaled.sort(-1, descending=True)
+                rank = torch.arange(V, device=dev)[None, :]
+                k = torch.tensor([sp.top_k if sp.top_k > 0 else V for sp in sps], device=dev)
+                srt = srt.masked_fill(rank >= k[:, None], float("-inf"))
+                probs = srt.softmax(-1)
+                top_p = torch.tensor([sp.top_p for sp in sps], device=dev)
+                drop = (probs.cumsum(-1) - probs) > top_p[:, None]  # keeps at least the top token
+                srt = srt.masked_fill(drop, float("-inf"))
+                scaled = torch.full_like(scaled, float("-inf")).scatter(1, idx, srt)
+            seed = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
+            step = torch.tensor([len(s.output.token_ids) for s in seqs], dtype=torch.int64, device=dev)
+            sampled = (scaled + gumbel_noise(seed, step, V)).argmax(-1)
+            is_greedy = torch.tensor([sp.temperature == 0 for sp in sps], device=dev)
+            tokens = torch.where(is_greedy, logits.argmax(-1), sampled)
+        lp = None
+        if any(sp.logprobs for sp in sps):
+            lp = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        return tokens, lp
+
+    def _sample_and_advance(self, seqs: list[_Seq], logits: torch.Tensor, mon_out: dict) -> list[_Seq]:
+        tokens, lp = self._sample(seqs, logits)
+        tokens = tokens.tolist()  # the step's one host sync
+        lp = lp.tolist() if lp is not None else None
+        mon_host = {k: v.cpu() for k, v in mon_out.items()}
+        finished = []
+        for b, (s, tok) in enumerate(zip(seqs, tokens)):
+            out = s.output
+            out.token_ids.append(tok)
+            if out.logprobs is not None:
+                out.logprobs.append(lp[b])
+            if s.monitor_lp:
+                s.monitor_rows.append(torch.stack([mon_host[lp_][b, s.monitor_ids] for lp_ in s.monitor_lp]))
+            s.next_token = tok
+            sp = s.request.sampling
+            reason = None
+            if tok in s.stop_ids:
+                reason = "stop"
+            elif sp.stop_strings and self.tokenizer is not None:
+                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                hits = [text.find(st) for st in sp.stop_strings if st and st in text]
+                if hits:
+                    out.text = text[:min(hits)]
+                    reason = "stop"
+                else:
+                    out.text = text
+            if reason is None and len(out.token_ids) >= sp.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                self._finish(s, reason)
+                finished.append(s)
+        return finished

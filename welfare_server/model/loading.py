@@ -1,0 +1,173 @@
+"""Load causal LMs: local Hugging Face directories, the bundled SmolLM2, tiny random presets.
+
+`RuntimeConfig` is the ONE place where dtype and device are decided; everything downstream (the
+engine, the vector bank, the KV cache) reads them from the loaded model.
+
+Supported by the engine's fast path (see engine.py): Llama, Mistral, Qwen2, Qwen3, Gemma (v1),
+i.e. every decoder whose block is `x + attn(norm(x))` then `x + mlp(norm(x))` with RoPE.
+Any other `AutoModelForCausalLM` still loads here (and works with the hook reference), but
+Engine refuses it with a message naming the family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUNDLED_NAME = "smollm2-135m-instruct"
+"""Name under which load_model finds the bundled SmolLM2-135M-Instruct."""
+
+# Families whose block layout the engine implements natively (model_type from config.json).
+FAST_PATH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and in what precision the model runs. Resolved once by `resolve()`."""
+
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), or any torch device string ("cpu", "cuda:1")."""
+
+    dtype: str = "auto"
+    """"auto" (bfloat16 on CUDA, float32 on CPU: CPU correctness tests compare against HF in fp32),
+    or "float32" / "bfloat16" / "float16"."""
+
+    seed: int = 0
+    """Seed of the random initialisation of the tiny presets (ignored for real checkpoints)."""
+
+    attn_implementation: str = "sdpa"
+    """Attention implementation HF uses for its own forward (the reference path); the engine
+    always runs its own attention."""
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        if self.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(self.device)
+        if self.dtype == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        else:
+            try:
+                dtype = {"float32": torch.float32, "fp32": torch.float32,
+                         "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                         "float16": torch.float16, "fp16": torch.float16}[self.dtype]
+            except KeyError:
+                raise ValueError(f"RuntimeConfig.dtype: unknown dtype {self.dtype!r} "
+                                 "(use auto, float32, bfloat16 or float16)") from None
+        return device, dtype
+
+
+# Tiny random presets: small dims, but every architectural feature of the family switched on
+# (GQA, q/k norms, sliding window, Gemma's scaled embedding) so the engine's handling of each is
+# tested. Vocab is the SmolLM2 tokenizer's, so chat templates and stop strings work with them.
+_TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    vocab_size=49152, max_position_embeddings=1024, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=2)
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("LlamaConfig", dict(_TINY_COMMON, tie_word_embeddings=True)),
+    "tiny-mistral": ("MistralConfig", dict(_TINY_COMMON, sliding_window=24, tie_word_embeddings=False)),
+    # Qwen2: layers >= max_window_layers use a sliding window (layer_types), the rest full attention.
+    "tiny-qwen2": ("Qwen2Config", dict(_TINY_COMMON, attention_bias=True, tie_word_embeddings=True,
+                                       use_sliding_window=True, sliding_window=24, max_window_layers=2)),
+    "tiny-qwen3": ("Qwen3Config", dict(_TINY_COMMON, tie_word_embeddings=True)),
+    "tiny-gemma": ("GemmaConfig", dict(_TINY_COMMON, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    # The SmolLM2-135M shape with random weights: what the benchmark measures.
+    "smollm2-135m-random": ("LlamaConfig", dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2)),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM on its device, with its tokenizer (loaded lazily for presets)."""
+
+    model: torch.nn.Module
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    _tokenizer: Any = field(default=None, repr=False)
+    _tokenizer_dir: str | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        """The HF tokenizer; random presets borrow the bundled SmolLM2 tokenizer (same vocab)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tok_dir = self._tokenizer_dir
+            if tok_dir is None:
+                from welfare_server.model.bundled import default_model_dir
+
+                tok_dir = str(default_model_dir())
+            self._tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        return self._tokenizer
+
+
+def _build_config(preset: str, **overrides):
+    import transformers
+
+    cls_name, kwargs = PRESETS[preset]
+    cls = getattr(transformers, cls_name)
+    kwargs = dict(kwargs, **overrides)
+    if "rope_theta" in kwargs:  # 5.x configs take rope_parameters; keep one spelling here
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta")}
+    return cls(**kwargs)
+
+
+def load_model(name_or_path: str | os.PathLike, runtime: RuntimeConfig | None = None, *,
+               dtype: str | None = None, device: str | None = None, **config_overrides) -> LoadedModel:
+    """Load a preset name, "smollm2-135m-instruct" or a local HF directory.
+
+    dtype/device, when given, override the corresponding RuntimeConfig fields. config_overrides
+    apply to presets only (e.g. num_hidden_layers=2).
+    """
+    from transformers import AutoModelForCausalLM
+
+    runtime = runtime or RuntimeConfig()
+    if dtype is not None or device is not None:
+        runtime = dataclasses.replace(runtime, **{k: v for k, v in (("dtype", dtype), ("device", device))
+                                                  if v is not None})
+    dev, dt = runtime.resolve()
+    name = str(name_or_path)
+    tokenizer_dir = None
+    if name in PRESETS:
+        cfg = _build_config(name, **config_overrides)
+        cfg._attn_implementation = runtime.attn_implementation
+        # Seeded CPU init, then cast/move: the same preset+seed gives the same weights anywhere.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(runtime.seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
+                                                     attn_implementation=runtime.attn_implementation)
+    else:
+        if config_overrides:
+            raise ValueError("config overrides apply to presets only")
+        if name == BUNDLED_NAME:
+            from welfare_server.model.bundled import default_model_dir
+
+            path = Path(default_model_dir())
+        else:
+            path = Path(name).expanduser()
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(
+                    f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}, {BUNDLED_NAME}) "
+                    "nor a local Hugging Face directory with a config.json")
+        tokenizer_dir = str(path)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt,
+                                                     attn_implementation=runtime.attn_implementation)
+    model = model.to(device=dev, dtype=dt).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, name=name, device=dev, dtype=dt, _tokenizer_dir=tokenizer_dir)

@@ -1,0 +1,240 @@
+"""Steering specifications, the device-side vector bank, and per-row term tables.
+
+A request carries a SteeringSpec: an ordered list of SteeringTerms (vector, layers, coefficient,
+mode, point) and a token Scope. The engine turns it into rows of fixed device tables
+
+    term_vector int32 [L, 2, S, NT]   bank index per (layer, point, slot, term); -1 = none
+    term_coef   fp32  [L, 2, S, NT]
+    term_mode   int32 [L, 2, S, NT]
+
+(L layers, 2 points, S batch slots, NT = max_terms_per_row) that the fused kernels read. The
+tables and the bank never change shape or address, so a CUDA graph captured once keeps working
+whatever mix of vectors the batch holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+
+from welfare_server.kernels import SteerMode
+
+BLOCK_INPUT = 0
+BLOCK_OUTPUT = 1
+POINTS = {"block_input": BLOCK_INPUT, "block_output": BLOCK_OUTPUT}
+"""Steering points: the residual entering decoder block l (what a forward pre-hook on block l
+sees; the paper's hook point) and the block's output (what a forward hook on block l returns)."""
+
+
+class Scope(str, enum.Enum):
+    """Which tokens a request's steering touches. Generated tokens are steered in every scope."""
+
+    GENERATED = "generated"
+    """Only tokens the model generates; the whole prompt is left untouched."""
+    ASSISTANT_AND_GENERATED = "assistant_and_generated"
+    """Assistant-turn prompt tokens (incl. the generation-prompt header) and generated tokens;
+    user/system turns are never steered. The paper's protocol."""
+    ALL = "all"
+    """Every prompt token and every generated token."""
+
+
+class SteeringError(ValueError):
+    """A steering specification is invalid or exceeds a configured limit; the message names the
+    field and the limit."""
+
+
+Vector = Union[torch.Tensor, int]
+
+
+@dataclass(frozen=True)
+class SteeringTerm:
+    """One steering operation: at each of `layers`, at `point`, apply `mode` with `vector`."""
+
+    vector: Vector
+    """[D] tensor (placed in the bank for the request's lifetime) or the id of a bank vector
+    registered with VectorBank.add / Engine.register_vector."""
+    layers: Sequence[int]
+    """Decoder layer indices (0-based); negative indices count from the end."""
+    coefficient: float = 1.0
+    """alpha for ADD / ADD_RENORM, the target component for CLAMP, ignored by ABLATE."""
+    mode: SteerMode = SteerMode.ADD
+    """ADD, ADD_RENORM, ABLATE or CLAMP (see welfare_server.kernels.modes)."""
+    point: str = "block_input"
+    """"block_input" (residual entering the block) or "block_output" (the block's output)."""
+
+
+@dataclass
+class SteeringSpec:
+    """All steering of one request. Terms apply in list order at each (layer, point)."""
+
+    terms: list[SteeringTerm] = field(default_factory=list)
+    scope: Scope = Scope.ASSISTANT_AND_GENERATED
+
+
+class VectorBank:
+    """Fixed-capacity [K_max, D] vector store on the device with free-slot management.
+
+    Slots are reference counted: a persistent vector (add) holds one reference until removed;
+    each running request that uses it holds another, so removing a vector in use keeps it alive
+    until the last request finishes. The tensor never reallocates (CUDA graphs read its address).
+    """
+
+    def __init__(self, capacity: int, dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        if capacity < 1:
+            raise SteeringError(f"max_bank_vectors must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.dim = dim
+        self.tensor = torch.zeros(capacity, dim, device=device, dtype=dtype)
+        self._refs = [0] * capacity
+        self._free = list(range(capacity - 1, -1, -1))  # pop() gives the lowest slot first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def check_vector(self, vector: torch.Tensor, what: str = "vector") -> torch.Tensor:
+        if not isinstance(vector, torch.Tensor):
+            raise SteeringError(f"{what}: expected a tensor or a bank id, got {type(vector).__name__}")
+        if vector.dim() != 1 or vector.shape[0] != self.dim:
+            raise SteeringError(f"{what}: shape {tuple(vector.shape)}, expected ({self.dim},) (hidden size)")
+        if not torch.isfinite(vector).all():
+            raise SteeringError(f"{what}: contains NaN or inf")
+        return vector
+
+    def add(self, vector: torch.Tensor) -> int:
+        """Store a vector; returns its id. Raises SteeringError when the bank is full."""
+        self.check_vector(vector)
+        if not self._free:
+            raise SteeringError(f"vector bank full: all max_bank_vectors={self.capacity} slots in use")
+        idx = self._free.pop()
+        self.tensor[idx].copy_(vector.detach().to(self.tensor.dtype))
+        self._refs[idx] = 1
+        return idx
+
+    def acquire(self, idx: int) -> None:
+        self._check_id(idx)
+        self._refs[idx] += 1
+
+    def release(self, idx: int) -> None:
+        """Drop one reference; the slot is freed (and zeroed) when none is left."""
+        self._check_id(idx)
+        self._refs[idx] -= 1
+        if self._refs[idx] == 0:
+            self.tensor[idx].zero_()
+            self._free.append(idx)
+            self._free.sort(reverse=True)
+
+    remove = release
+
+    def is_live(self, idx: int) -> bool:
+        return 0 <= idx < self.capacity and self._refs[idx] > 0
+
+    def _check_id(self, idx: int) -> None:
+        if not self.is_live(idx):
+            raise SteeringError(f"vector id {idx}: not a live bank vector (bank capacity {self.capacity})")
+
+
+@dataclass
+class ResolvedSteering:
+    """A request's terms as bank ids, laid out per (layer, point): the row it owns in the tables."""
+
+    vector: torch.Tensor  # int32 [L, 2, NT]
+    coef: torch.Tensor  # fp32 [L, 2, NT]
+    mode: torch.Tensor  # int32 [L, 2, NT]
+    used: torch.Tensor  # bool [L, 2]: any term at (layer, point)
+    width: torch.Tensor  # int [L, 2]: number of terms at (layer, point)
+    scope: Scope
+    owned_ids: list[int]  # bank references to release when the request leaves
+
+
+def validate_spec(spec: SteeringSpec | None, num_layers: int, dim: int, max_terms: int,
+                  bank: VectorBank) -> int:
+    """Check a spec without touching the bank; returns how many new bank slots it needs."""
+    if spec is None:
+        return 0
+    if not isinstance(spec.scope, Scope):
+        try:
+            spec.scope = Scope(spec.scope)
+        except ValueError:
+            raise SteeringError(f"steering.scope: {spec.scope!r} is not one of "
+                                f"{[s.value for s in Scope]}") from None
+    counts: dict[tuple[int, int], int] = {}
+    new_vectors = 0
+    for i, term in enumerate(spec.terms):
+        where = f"steering.terms[{i}]"
+        if isinstance(term.vector, torch.Tensor):
+            bank.check_vector(term.vector, f"{where}.vector")
+            new_vectors += 1
+        elif isinstance(term.vector, int):
+            if not bank.is_live(term.vector):
+                raise SteeringError(f"{where}.vector: id {term.vector} is not a live bank vector")
+        else:
+            raise SteeringError(f"{where}.vector: expected a [D] tensor or a bank id")
+        try:
+            mode = SteerMode(int(term.mode))
+        except ValueError:
+            raise SteeringError(f"{where}.mode: {term.mode!r} is not a SteerMode "
+                                f"({', '.join(m.name for m in SteerMode)})") from None
+        del mode
+        if term.point not in POINTS:
+            raise SteeringError(f"{where}.point: {term.point!r} is not one of {list(POINTS)}")
+        if not math.isfinite(float(term.coefficient)):
+            raise SteeringError(f"{where}.coefficient: must be finite, got {term.coefficient}")
+        layers = list(term.layers)
+        if not layers:
+            raise SteeringError(f"{where}.layers: empty")
+        for layer in layers:
+            if not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+                raise SteeringError(f"{where}.layers: {layer!r} out of range [0, {num_layers})")
+            key = (layer % num_layers, POINTS[term.point])
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] > max_terms:
+                raise SteeringError(
+                    f"{where}: more than max_terms_per_row={max_terms} terms at layer "
+                    f"{key[0]} point {term.point}")
+    return new_vectors
+
+
+def resolve_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
+                 bank: VectorBank) -> ResolvedSteering:
+    """Place the spec's tensors in the bank (call validate_spec first and make sure the bank has
+    room) and lay its terms out per (layer, point)."""
+    vec = torch.full((num_layers, 2, max_terms), -1, dtype=torch.int32)
+    coef = torch.zeros((num_layers, 2, max_terms), dtype=torch.float32)
+    mode = torch.zeros((num_layers, 2, max_terms), dtype=torch.int32)
+    width = torch.zeros((num_layers, 2), dtype=torch.int64)
+    owned: list[int] = []
+    scope = Scope.ASSISTANT_AND_GENERATED if spec is None else Scope(spec.scope)
+    for term in (spec.terms if spec is not None else []):
+        if isinstance(term.vector, torch.Tensor):
+            idx = bank.add(term.vector)
+        else:
+            idx = int(term.vector)
+            bank.acquire(idx)
+        owned.append(idx)
+        p = POINTS[term.point]
+        for layer in dict.fromkeys(l % num_layers for l in term.layers):
+            j = int(width[layer, p])
+            vec[layer, p, j] = idx
+            coef[layer, p, j] = float(term.coefficient)
+            mode[layer, p, j] = int(term.mode)
+            width[layer, p] = j + 1
+    return ResolvedSteering(vector=vec, coef=coef, mode=mode, used=width > 0, width=width,
+                            scope=scope, owned_ids=owned)
+
+
+def prompt_steer_mask(scope: Scope, roles: Sequence[str] | None, n: int) -> torch.Tensor:
+    """bool [n]: which prompt tokens a request's steering touches under `scope`.
+
+    roles[i] is the chat role of prompt token i ("user", "system", "assistant", ...); a prompt
+    given as raw ids has no roles, and under ASSISTANT_AND_GENERATED it counts as user text.
+    """
+    if scope == Scope.ALL:
+        return torch.ones(n, dtype=torch.bool)
+    if scope == Scope.GENERATED or roles is None:
+        return torch.zeros(n, dtype=torch.bool)
+    return torch.tensor([r == "assistant" for r in roles], dtype=torch.bool)
