@@ -19,16 +19,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _common import append_rows, git_commit, machine_name  # bench/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,28 +36,6 @@ from welfare_server.model.engine import Engine, EngineConfig, Request, SamplingP
 from welfare_server.model.hf_reference import hf_generate_steered  # noqa: E402
 from welfare_server.model.loading import load_model  # noqa: E402
 from welfare_server.model.steering import Scope, SteeringSpec, SteeringTerm  # noqa: E402
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{torch.get_num_threads()} threads"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "uncommitted"
-    except OSError:
-        return "uncommitted"
 
 
 def sync(device):
@@ -147,15 +123,8 @@ def main() -> None:
                   f"  ({tps / results['engine']:.3f} of engine unsteered)" if name.startswith("engine") else
                   f"B={B:4d} {name:22s} {tps:10.1f} tok/s  x{tps / base:.2f} vs HF generate")
         del eng
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new_file:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {out}")
+    append_rows(args.out, list(rows[0].keys()), rows)
+    print(f"appended {len(rows)} rows to {args.out}")
 
 
 if __name__ == "__main__":

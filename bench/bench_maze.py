@@ -21,17 +21,15 @@ against Jumanji's steps/s measured in the same run.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,27 +39,6 @@ from welfare_server.maze.reference import ReferenceMaze  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "maze.csv"
 FIELDS = ["date", "machine", "device", "commit", "provider", "size", "num_envs", "metric", "value",
           "ratio_vs_jumanji", "note"]
-
-
-def machine_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        return (out.stdout.strip() or "uncommitted") + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def timed(fn, min_seconds: float, max_iterations: int = 10**9) -> float:
@@ -234,8 +211,7 @@ def main() -> int:
     def table_builder(config):
         return MazeTokenTable.from_tokenizer(tokenizer, config)
 
-    stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": machine_name(), "commit": git_commit()}
+    stamp = {"date": utc_now(), "machine": machine_name(args.device), "commit": git_commit()}
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results = []  # (provider, num_envs, metric, value, note)
     if args.device == "cuda":
@@ -253,23 +229,17 @@ def main() -> int:
             results.append(("python-reference", 1, metric, value, note))
 
     jumanji_steps = {n: v for p, n, m, v, _ in results if p == "jumanji" and m == "steps_per_s"}
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not out_path.exists()
-    with open(out_path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        print(f"{'provider':18} {'B':>6} {'metric':34} {'value':>14} {'vs jumanji':>10}")
-        for provider, num_envs, metric, value, note in results:
-            ratio = ""
-            if metric.startswith("steps_per_s") or metric.startswith("episode_steps"):
-                if num_envs in jumanji_steps:
-                    ratio = f"{value / jumanji_steps[num_envs]:.1f}"
-            writer.writerow({**stamp, "device": device_name, "provider": provider, "size": args.size,
-                             "num_envs": num_envs, "metric": metric, "value": f"{value:.6g}",
-                             "ratio_vs_jumanji": ratio, "note": note})
-            print(f"{provider:18} {num_envs:>6} {metric:34} {value:>14.4g} {ratio:>10}")
+    rows = []
+    print(f"{'provider':18} {'B':>6} {'metric':34} {'value':>14} {'vs jumanji':>10}")
+    for provider, num_envs, metric, value, note in results:
+        ratio = ""
+        if metric.startswith(("steps_per_s", "episode_steps")) and num_envs in jumanji_steps:
+            ratio = f"{value / jumanji_steps[num_envs]:.1f}"
+        rows.append({**stamp, "device": device_name, "provider": provider, "size": args.size,
+                     "num_envs": num_envs, "metric": metric, "value": f"{value:.6g}",
+                     "ratio_vs_jumanji": ratio, "note": note})
+        print(f"{provider:18} {num_envs:>6} {metric:34} {value:>14.4g} {ratio:>10}")
+    append_rows(args.out, FIELDS, rows)
     return 0
 
 

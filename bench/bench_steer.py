@@ -22,50 +22,25 @@ Rows are appended to bench/results/steer.csv (or --out) with device name, git co
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from welfare_server.kernels import (SteerMode, capture_reference, rmsnorm_reference,  # noqa: E402
                                     steer_reference, steer_rmsnorm_reference)
-from welfare_server.kernels.steer import HAS_TRITON  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "steer.csv"
 FIELDS = ["date", "device", "commit", "op", "dtype", "T", "D", "provider", "us", "gbps",
           "frac_copy", "speedup_vs_eager", "note"]
 TARGET_TD = 16 * 2**20  # T*D from which the 90%-of-copy target applies
 BANK_K = 16
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def git_commit() -> str:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent)
-        return r.stdout.strip() if r.returncode == 0 else ""
-    except OSError:
-        return ""
 
 
 def timer(device: str, quick: bool):
@@ -137,8 +112,8 @@ def main():
     torch._dynamo.config.cache_size_limit = 64
     time_us = timer(device, args.quick)
     es = torch.tensor([], dtype=dtype).element_size()
-    dev_name, commit = device_name(device), git_commit()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    dev_name, commit = machine_name(device), git_commit()
+    date = utc_now()
     rows = []
     compiled = {}
 
@@ -151,12 +126,7 @@ def main():
 
     def flush():
         # Appended after every shape, so a run cut short by a timeout still leaves its rows.
-        new = not args.out.exists()
-        with open(args.out, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                wr.writeheader()
-            wr.writerows(rows)
+        append_rows(args.out, FIELDS, rows)
         n = len(rows)
         rows.clear()
         return n

@@ -27,10 +27,11 @@ struct NaiveRng {
     z *= 0x94D049BB133111EBull;
     return z ^ (z >> 31);
   }
-  uint64_t u(uint64_t n) {
-    const uint64_t d = mix(key + (counter + 1) * 0x9E3779B97F4A7C15ull);
+  uint64_t u(uint64_t n) {  // counter counts 32-bit words; two per draw, low half first
+    const uint64_t d = mix(key + (counter / 2 + 1) * 0x9E3779B97F4A7C15ull);
+    const uint64_t word = counter % 2 == 0 ? (d & 0xFFFFFFFFull) : (d >> 32);
     ++counter;
-    return ((d >> 32) * n) >> 32;
+    return (word * n) >> 32;
   }
 };
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from welfare_server.kernels import rmsnorm_reference, steer, steer_rmsnorm
-from _helpers import (DEVICE, DTYPES, ON_GPU, TOL, assert_rows_close, make_steer_case,
+from _helpers import (DEVICE, DTYPES, ON_GPU, assert_rows_close, make_steer_case,
                       oracle_steer, same_bits)
 
 CASES = [(1, 64, torch.float32), (7, 577, torch.bfloat16), (83, 576, torch.float16),

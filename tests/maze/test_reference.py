@@ -181,10 +181,12 @@ def spec_generate(cfg, key):
     counter = 0
 
     def u(bound):
+        # word `counter` of the stream: low half of draw counter // 2 when even, high half when odd
         nonlocal counter
-        d = np_mix64((gk + (counter + 1) * GOLDEN) & M64)
+        d = np_mix64((gk + (counter // 2 + 1) * GOLDEN) & M64)
+        word = d & 0xFFFFFFFF if counter % 2 == 0 else d >> 32
         counter += 1
-        return ((d >> 32) * bound) >> 32
+        return (word * bound) >> 32
 
     inner = [[MOLD] * n for _ in range(n)]  # interior only; the border is Mold anyway
     s = u(n * n)

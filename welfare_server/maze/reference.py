@@ -80,41 +80,28 @@ def bernoulli(key: int, counter: int, threshold: int) -> bool:
     return (draw(key, counter) >> 32) < threshold
 
 
+def gen_word(key: int, w: int) -> int:
+    """Word w of the generator's 32-bit word stream: the low (w even) or high (w odd) half of
+    draw(key, w // 2)."""
+    return (draw(key, w >> 1) >> (32 * (w & 1))) & 0xFFFFFFFF
+
+
+def gen_uniform(key: int, w: int, n: int) -> int:
+    """Integer in [0, n) from word w of the generator's stream (multiply-shift, n < 2^32)."""
+    return (gen_word(key, w) * n) >> 32
+
+
 class _Stream:
-    """The generator's running counter over gen_key: one counter value per draw, from 0."""
+    """The generator's running counter over gen_key's word stream: one word per uniform, from 0."""
 
     def __init__(self, key: int) -> None:
         self.key = key
         self.counter = 0
 
     def uniform(self, n: int) -> int:
-        value = uniform(self.key, self.counter, n)
+        value = gen_uniform(self.key, self.counter, n)
         self.counter += 1
         return value
-
-
-# ------------------------------------------------------------------------------------- generation
-@lru_cache(maxsize=None)
-def _bfs_order_cached(size: int) -> tuple[int, ...]:
-    centre = (size // 2) * size + size // 2
-    seen = bytearray(size * size)
-    seen[centre] = 1
-    queue = deque([centre])
-    order = []
-    # Neighbours pushed in the order N, S, E, W (DESIGN.md), not the N, E, S, W of actions.
-    nsew = (DIRECTION_DELTAS[0], DIRECTION_DELTAS[2], DIRECTION_DELTAS[1], DIRECTION_DELTAS[3])
-    while queue:
-        cell = queue.popleft()
-        order.append(cell)
-        r, c = divmod(cell, size)
-        for dr, dc in nsew:
-            nr, nc = r + dr, c + dc
-            if 0 <= nr < size and 0 <= nc < size:
-                nxt = nr * size + nc
-                if not seen[nxt]:
-                    seen[nxt] = 1  # marked when enqueued: each cell visited exactly once
-                    queue.append(nxt)
-    return tuple(order)
 
 
 def bfs_order(size: int) -> list[int]:

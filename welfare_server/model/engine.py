@@ -36,7 +36,7 @@ from welfare_server.kernels import MAX_TERMS, steer, steer_rmsnorm
 from welfare_server.model.loading import FAST_PATH_FAMILIES, LoadedModel
 from welfare_server.model.prompts import render_chat
 from welfare_server.model.steering import (BLOCK_INPUT, BLOCK_OUTPUT, POINTS, ResolvedSteering,
-                                           SteeringError, SteeringSpec, VectorBank,
+                                           SteeringSpec, VectorBank,
                                            prompt_steer_mask, resolve_spec, validate_spec)
 
 

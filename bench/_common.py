@@ -1,0 +1,61 @@
+"""What every benchmark records beside its figures: the machine or card, the commit, the date,
+and one way of appending rows to bench/results/*.csv."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def machine_name(device: str | torch.device = "cpu") -> str:
+    """The GPU's name for CUDA, else the CPU model and how many threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def git_commit() -> str:
+    """Short HEAD commit, with +dirty when tracked files differ from it; "uncommitted" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "uncommitted"
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def append_rows(path: str | Path, fields: list[str], rows: list[dict]) -> None:
+    """Append rows to a CSV, writing the header when the file is new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
