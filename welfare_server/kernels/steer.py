@@ -102,13 +102,13 @@ if HAS_TRITON:
             tl.store(proj_ptr + rows * M + j, tl.sum(x * m[None, :], axis=1), mask=rmask)
 
     @triton.jit
-    def _steer_kernel(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K,
-                      tv_ptr, tc_ptr, tm_ptr, mon_ptr, stride_mm, proj_ptr, T, D,
-                      NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
-                      INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    def _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr,
+                    tm_ptr, mon_ptr, stride_mm, proj_ptr, rows, offs, T, D, NT: tl.constexpr,
+                    M: tl.constexpr, MONITOR_POST: tl.constexpr, INPLACE: tl.constexpr):
+        """One pass over a block of rows: load, apply the terms in fp32, project onto the monitors,
+        store. Returns (stored rows in hidden's dtype, fp32 copy of them, masks) for fused epilogues
+        (steer_rmsnorm reads the stored row without loading it again)."""
         rmask = rows < T
-        offs = tl.arange(0, BLOCK_D)
         dmask = offs < D
         mask2 = rmask[:, None] & dmask[None, :]
         h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask2, other=0.0)
@@ -120,13 +120,25 @@ if HAS_TRITON:
                 _monitor_rows(x, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
             else:
                 _monitor_rows(x0, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
+        # Untouched rows keep the loaded bits, not an fp32 round trip (keeps NaN payloads exact).
+        stored = tl.where(any_active[:, None], x.to(h.dtype), h)
         optr = out_ptr + rows[:, None] * stride_o + offs[None, :]
         if INPLACE:
-            # Untouched rows are not written at all (no bytes, no rounding, no race).
-            tl.store(optr, x.to(h.dtype), mask=mask2 & any_active[:, None])
+            # In place, untouched rows are not written at all (no bytes, no race).
+            tl.store(optr, stored, mask=mask2 & any_active[:, None])
         else:
-            # Untouched rows: the loaded bits, not an fp32 round trip (keeps NaN payloads exact).
-            tl.store(optr, tl.where(any_active[:, None], x.to(h.dtype), h), mask=mask2)
+            tl.store(optr, stored, mask=mask2)
+        return stored, mask2, dmask
+
+    @triton.jit
+    def _steer_kernel(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K,
+                      tv_ptr, tc_ptr, tm_ptr, mon_ptr, stride_mm, proj_ptr, T, D,
+                      NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
+                      INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        offs = tl.arange(0, BLOCK_D)
+        _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr,
+                    tm_ptr, mon_ptr, stride_mm, proj_ptr, rows, offs, T, D, NT, M, MONITOR_POST, INPLACE)
 
 
 def launch_config(D: int, T: int):

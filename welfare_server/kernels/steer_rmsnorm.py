@@ -22,7 +22,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from welfare_server.kernels.steer import _apply_terms_rows, _monitor_rows
+    from welfare_server.kernels.steer import _steer_rows
 
 
 def normed_dtype(hidden: torch.Tensor, norm_weight: torch.Tensor) -> torch.dtype:
@@ -65,29 +65,14 @@ if HAS_TRITON:
                               NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
                               INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        rmask = rows < T
         offs = tl.arange(0, BLOCK_D)
-        dmask = offs < D
-        mask2 = rmask[:, None] & dmask[None, :]
-        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask2, other=0.0)
-        x0 = h.to(tl.float32)
-        x, any_active = _apply_terms_rows(x0, offs, dmask, rows, rmask, bank_ptr, stride_bk, K,
-                                          tv_ptr, tc_ptr, tm_ptr, NT)
-        if M > 0:
-            if MONITOR_POST:
-                _monitor_rows(x, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
-            else:
-                _monitor_rows(x0, offs, dmask, rows, rmask, mon_ptr, stride_mm, proj_ptr, M)
-        stored = tl.where(any_active[:, None], x.to(h.dtype), h)
-        optr = out_ptr + rows[:, None] * stride_o + offs[None, :]
-        if INPLACE:
-            tl.store(optr, stored, mask=mask2 & any_active[:, None])
-        else:
-            tl.store(optr, stored, mask=mask2)
+        stored, mask2, dmask = _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K,
+                                           tv_ptr, tc_ptr, tm_ptr, mon_ptr, stride_mm, proj_ptr, rows,
+                                           offs, T, D, NT, M, MONITOR_POST, INPLACE)
         # RMSNorm of the stored row, as LlamaRMSNorm computes it (see module doc).
         xs = stored.to(tl.float32)
         var = tl.sum(xs * xs, axis=1) / D
-        xn = (xs * (1.0 / tl.sqrt(var + eps))[:, None]).to(h.dtype).to(tl.float32)
+        xn = (xs * (1.0 / tl.sqrt(var + eps))[:, None]).to(stored.dtype).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
         tl.store(n_ptr + rows[:, None] * stride_n + offs[None, :],
                  (w[None, :] * xn).to(n_ptr.dtype.element_ty), mask=mask2)
