@@ -9,13 +9,20 @@
 namespace ws {
 namespace {
 
+// rules.h's routine (out of line with the tiles as constants, see DefaultSampler).
 void portable(uint8_t* grid, int32_t size, int32_t n, uint8_t from, uint8_t to, int64_t need,
               int64_t remaining, uint64_t key, uint64_t& counter) {
-  selection_sample(grid, size, n, from, to, need, remaining, key, counter);
+  DefaultSampler()(grid, size, n, from, to, need, remaining, key, counter);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WS_HAVE_AVX512_PATH 1
+// GCC 12's shift/alignr intrinsics pass _mm512_undefined_epi32() as the (unused) merge source,
+// which -Wmaybe-uninitialized flags falsely.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #define WS_AVX512_TARGET \
   __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,bmi,bmi2,popcnt,lzcnt")))
 
@@ -28,6 +35,34 @@ WS_AVX512_TARGET inline __m512i mix64x8(__m512i z) {
   return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
 }
 
+// (a * b) >> 32 per 32-bit lane: even lanes' 64-bit products shifted down, odd lanes' high
+// dwords already in place.
+WS_AVX512_TARGET inline __m512i mulhi_epu32(__m512i a, __m512i b) {
+  const __m512i pe = _mm512_mul_epu32(a, b);
+  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
+  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+
+// Bit c of the result: line[c] == the byte of `v`, for c < len (1 <= len <= 64; reads no further).
+WS_AVX512_TARGET inline uint64_t match_mask64(const uint8_t* line, int32_t len, __m512i v) {
+  const __mmask64 inside = len == 64 ? ~0ull : (1ull << len) - 1;
+  return _mm512_mask_cmpeq_epi8_mask(inside, _mm512_maskz_loadu_epi8(inside, line), v);
+}
+
+// Writes `to` into the selected candidates of a batch: candidates are the set bits of cand[0],
+// then of cand[1], ... (each a 64-cell mask at at[k]); bit j of sel[] is candidate j.
+WS_AVX512_TARGET inline void deposit(uint8_t* const* at, const uint64_t* cand, int nb,
+                                     const uint64_t* sel, __m512i vto) {
+  int off = 0;
+  for (int k = 0; k < nb; ++k) {
+    const int o = off & 63;
+    const uint64_t* s = sel + (off >> 6);
+    const uint64_t bits = o == 0 ? s[0] : (s[0] >> o) | (s[1] << (64 - o));
+    _mm512_mask_storeu_epi8(at[k], _pdep_u64(bits, cand[k]), vto);
+    off += __builtin_popcountll(cand[k]);
+  }
+}
+
 // Algorithm S, 16 candidates per step with no serial chain inside the step. Candidate j of a chunk
 // (0-based) is selected iff u_j + k_j < need, where u_j = uniform(remaining - j) from its word and
 // k_j <= j is the number selected before it in the chunk. So u_j + j < need selects it and
@@ -36,8 +71,10 @@ WS_AVX512_TARGET inline __m512i mix64x8(__m512i z) {
 // words is exactly 8 draws' low and high halves in stream order (spec "Generation"), so one vpmullq
 // pair serves 16 candidates; a stream starting on an odd word takes the window one dword later
 // (valignd). Selections go back to cells with pdep and one masked byte store per 64-cell word.
-// Measured at size 100 (AMD EPYC dev VM, CPU time, load ~2 on 2 cores): generation 31 -> ~9 us
-// per maze (the old one-draw-per-candidate serial scan was 22 us of it).
+// Measured at size 100 (AMD EPYC dev VM, CPU time, load ~2 on 2 cores): generation 30.6 -> 9.1 us
+// per maze, of which this routine is ~6.5 (the old one-draw-per-candidate serial scan was 22).
+// The chain through `need` bounds it: 32 candidates per step measured no faster (more lanes fall
+// in the unsure band), and always running the full number of steps per mask was slower.
 WS_AVX512_TARGET void avx512(uint8_t* grid, int32_t size, int32_t n, uint8_t from, uint8_t to,
                              int64_t need, int64_t remaining, uint64_t key, uint64_t& counter) {
   if (need <= 0) return;
@@ -54,62 +91,76 @@ WS_AVX512_TARGET void avx512(uint8_t* grid, int32_t size, int32_t n, uint8_t fro
   const __m512i step8 = _mm512_set1_epi64(static_cast<long long>(8 * GOLDEN));
   const __m512i vfrom = _mm512_set1_epi8(static_cast<char>(from));
   const __m512i vto = _mm512_set1_epi8(static_cast<char>(to));
-  for (int32_t r = 1; r <= n; ++r) {
-    uint8_t* line = grid + static_cast<int64_t>(r) * size + 1;
-    for (int32_t c0 = 0; c0 < n; c0 += 64) {
-      const int32_t len = n - c0 < 64 ? n - c0 : 64;
-      const __mmask64 inside = len == 64 ? ~0ull : (1ull << len) - 1;
-      const __m512i bytes = _mm512_maskz_loadu_epi8(inside, line + c0);
-      const uint64_t cand = _mm512_mask_cmpeq_epi8_mask(inside, bytes, vfrom);
-      if (cand == 0) continue;
-      const int p = __builtin_popcountll(cand);
-      // draws from the one holding word w, 8 per vector
-      __m512i x = _mm512_add_epi64(
-          _mm512_set1_epi64(static_cast<long long>(key + ((w >> 1) + 1) * GOLDEN)), steps);
-      __m512i h = mix64x8(x);
-      const __mmask16 odd = (w & 1) ? 0xFFFF : 0;
-      uint64_t sel = 0;
-      for (int q = 0; q * 16 < p; ++q) {
-        x = _mm512_add_epi64(x, step8);
-        const __m512i hn = mix64x8(x);
-        const __m512i words = _mm512_mask_blend_epi32(odd, h, _mm512_alignr_epi32(hn, h, 1));
-        h = hn;
-        const __m512i remv = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(rem - 16 * q)), lane);
-        // u = (word * rem_j) >> 32 per 32-bit lane: even lanes' products shifted down, odd lanes'
-        // high dwords already in place
-        const __m512i pe = _mm512_mul_epu32(words, remv);
-        const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(words, 32), _mm512_srli_epi64(remv, 32));
-        const __m512i u = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-        const int left = p - 16 * q;
-        const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-        const __m512i ndv = _mm512_set1_epi32(static_cast<int>(nd));
-        uint32_t s = _mm512_mask_cmplt_epu32_mask(valid, _mm512_add_epi32(u, lane), ndv);
-        uint32_t unsure = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(valid & ~s), u, ndv);
-        if (unsure) {
-          alignas(64) uint32_t ua[16];
-          _mm512_store_si512(ua, u);
-          do {
-            const int i = __builtin_ctz(unsure);
-            unsure &= unsure - 1;
-            const uint32_t k = static_cast<uint32_t>(__builtin_popcount(s & ((1u << i) - 1)));
-            s |= static_cast<uint32_t>(ua[i] + k < nd) << i;
-          } while (unsure);
-        }
-        nd -= static_cast<uint32_t>(__builtin_popcount(s));
-        sel |= static_cast<uint64_t>(s) << (16 * q);
-        if (nd == 0) {  // the last selected candidate completes the sample: no further words
-          _mm512_mask_storeu_epi8(line + c0, _pdep_u64(sel, cand), vto);
-          counter = w + static_cast<uint64_t>(16 * q + 31 - __builtin_clz(s)) + 1;
-          return;
-        }
+  // Batches of up to kBatch non-empty 64-cell masks, across rows: at size 100 four rows per
+  // batch, so the chunk loop's exit (data dependent, hence mispredicted) and the hashing restart
+  // come once per ~200 candidates (9.6 us per maze with one batch per row; 10.5 per 64 cells).
+  constexpr int kBatch = 8;
+  uint8_t* at[kBatch];
+  uint64_t cand[kBatch];
+  int32_t r = 1, c0 = 0;
+  while (r <= n) {
+    int nb = 0, p = 0;
+    while (nb < kBatch && r <= n) {
+      uint8_t* line = grid + static_cast<int64_t>(r) * size + 1 + c0;
+      const uint64_t m = match_mask64(line, n - c0 < 64 ? n - c0 : 64, vfrom);
+      at[nb] = line;
+      cand[nb] = m;
+      nb += m != 0;
+      p += __builtin_popcountll(m);
+      c0 += 64;
+      if (c0 >= n) {
+        c0 = 0;
+        ++r;
       }
-      _mm512_mask_storeu_epi8(line + c0, _pdep_u64(sel, cand), vto);
-      w += static_cast<uint64_t>(p);
-      rem -= static_cast<uint32_t>(p);
     }
+    if (p == 0) break;  // only when the rows ran out
+    // draws from the one holding word w, 8 per vector
+    __m512i x = _mm512_add_epi64(
+        _mm512_set1_epi64(static_cast<long long>(key + ((w >> 1) + 1) * GOLDEN)), steps);
+    __m512i h = mix64x8(x);
+    const __mmask16 odd = (w & 1) ? 0xFFFF : 0;
+    uint64_t sel[kBatch + 1] = {};  // bit j: candidate j of the batch selected
+    for (int q = 0; q * 16 < p; ++q) {
+      x = _mm512_add_epi64(x, step8);
+      const __m512i hn = mix64x8(x);
+      const __m512i words = _mm512_mask_blend_epi32(odd, h, _mm512_alignr_epi32(hn, h, 1));
+      h = hn;
+      const __m512i remv = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(rem - 16 * q)), lane);
+      const __m512i u = mulhi_epu32(words, remv);  // uniform(remaining - j) per lane
+      const int left = p - 16 * q;
+      const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __m512i ndv = _mm512_set1_epi32(static_cast<int>(nd));
+      // both compares hang off nd alone (nd is the serial chain; computing `unsure` from `s`
+      // measured ~0.9 us per maze slower); unsure = maybe but not surely selected
+      uint32_t s = _mm512_mask_cmplt_epu32_mask(valid, _mm512_add_epi32(u, lane), ndv);
+      uint32_t unsure = _mm512_mask_cmplt_epu32_mask(valid, u, ndv) & ~s;
+      if (unsure) {
+        alignas(64) uint32_t ua[16];
+        _mm512_store_si512(ua, u);
+        do {
+          const int i = __builtin_ctz(unsure);
+          unsure &= unsure - 1;
+          const uint32_t k = static_cast<uint32_t>(__builtin_popcount(s & ((1u << i) - 1)));
+          s |= static_cast<uint32_t>(ua[i] + k < nd) << i;
+        } while (unsure);
+      }
+      nd -= static_cast<uint32_t>(__builtin_popcount(s));
+      sel[q >> 2] |= static_cast<uint64_t>(s) << (16 * (q & 3));
+      if (nd == 0) {  // the last selected candidate completes the sample: no further words
+        deposit(at, cand, nb, sel, vto);
+        counter = w + static_cast<uint64_t>(16 * q + 31 - __builtin_clz(s)) + 1;
+        return;
+      }
+    }
+    deposit(at, cand, nb, sel, vto);
+    w += static_cast<uint64_t>(p);
+    rem -= static_cast<uint32_t>(p);
   }
   counter = w;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 SampleFn choose(const char** name) {

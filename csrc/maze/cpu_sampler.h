@@ -1,6 +1,6 @@
-// The CPU backend's selection sampler: the same Algorithm S as rules.h's selection_sample, with the
-// draws of each 64-cell word computed as a vector (AVX-512DQ has a 64-bit multiply) when the CPU
-// has it, chosen once at run time; otherwise the portable routine.
+// The CPU backend's selection sampler: the same Algorithm S as rules.h's selection_sample, deciding
+// 16 candidates per step from vectors of draws (AVX-512DQ has a 64-bit multiply) when the CPU has
+// it, chosen once at run time; otherwise the portable routine.
 #pragma once
 
 #include <cstdint>

@@ -66,8 +66,9 @@ WS_HD bool bernoulli(uint64_t key, uint64_t counter, uint64_t threshold) {
 }
 
 // The generator's draws (spec "Generation"): a stream of 32-bit words, two per 64-bit draw, low
-// half first. Word w is the (w & 1) half of draw(key, w >> 1). Halving the SplitMix64 calls
-// (16k -> 8k per size-100 maze) was the first step from 31 to ~10 us per maze (see cpu_sampler.cpp).
+// half first. Word w is the (w & 1) half of draw(key, w >> 1). This halves the SplitMix64 calls of
+// a size-100 maze (16k -> 8k) and lets one 512-bit vector of 8 draws feed 16 selection decisions
+// (cpu_sampler.cpp); the episode's draws (step_key) stay whole 64-bit draws.
 WS_HD uint32_t gen_word(uint64_t key, uint64_t w) {
   return static_cast<uint32_t>(draw(key, w >> 1) >> ((w & 1) * 32));
 }
@@ -184,10 +185,12 @@ constexpr int MAX_TURN_FRAGMENTS = 12;
 // BFS visiting order over the whole grid from the centre (step 7): depends only on size, so both
 // backends compute it once per size (config.cpp) and generate_maze() scans it.
 //
-// Speed (CPU): a maze's cost is its ~16k selection-sampling draws at size 100. The draws are
-// counter based, so consecutive ones are independent and overlap in the pipeline; what costs is
-// branching on random data. Candidates are therefore found 64 cells at a time as a bit mask and
-// visited with count-trailing-zeros, and the select/skip decision is branch-free.
+// Speed (CPU): a maze's cost is its ~16k selection-sampling decisions at size 100 (one 32-bit word
+// each, two words per mix64). The words are counter based, so consecutive ones are independent
+// and overlap in the pipeline; what costs is branching on random data. Candidates are therefore
+// found 64 cells at a time as a bit mask and visited with count-trailing-zeros, and the
+// select/skip decision is branch-free. (This portable routine: ~20 us of a 23 us maze; the CPU
+// backend's AVX-512 routine in cpu_sampler.cpp decides 16 candidates per step: ~6.5 us of 9.)
 
 WS_HD int ctz64(uint64_t w) {
 #if defined(__CUDA_ARCH__)
@@ -213,41 +216,85 @@ WS_HD uint64_t match_mask(const uint8_t* line, int32_t len, uint8_t value) {
   return m;
 }
 
+// One decision of Algorithm S: select `cell` (turn it from `from` to `from ^ diff`) iff
+// uniform(rem) < need; returns 1 if selected, else 0.
+WS_HD uint64_t select_one(uint8_t* cell, uint32_t word, uint8_t from, uint32_t diff, uint64_t rem,
+                          uint64_t& nd) {
+  // u = uniform(remaining) is off the serial chain; only `u < need; need -= sel` is on it
+  // (2 cycles per candidate; comparing h * rem with need << 32 measured slower)
+  const uint64_t sel = uniform_word(word, rem) < nd;
+  // arithmetic select: a ?: here compiles to a branch on random data when from/to are not
+  // compile-time constants (measured 2x slower generation)
+  *cell = static_cast<uint8_t>(from ^ (diff & (0u - static_cast<uint32_t>(sel))));
+  nd -= sel;
+  return sel;
+}
+
 // Knuth's Algorithm S over the interior cells whose tile is `from`, in increasing index, turning
 // `need` of them into `to`; `remaining` is the number of such cells. A word of the generator's
 // stream is used for each visited `from` cell until need reaches 0; `counter` (a word index)
-// advances by the number of words used.
+// advances by the number of words used. Candidates go in pairs, one mix64 per pair (no per-word
+// parity test: 29 -> 24 us per size-100 maze, portable).
 WS_HD void selection_sample(uint8_t* grid, int32_t size, int32_t n, uint8_t from, uint8_t to,
                             int64_t need, int64_t remaining, uint64_t key, uint64_t& counter) {
   if (need <= 0) return;
-  WordStream words(key, counter);
-  uint64_t rem = static_cast<uint64_t>(remaining);
+  uint64_t idx = counter;                          // word index of the next decision
+  uint64_t x = key + ((idx >> 1) + 1) * GOLDEN;    // mix64 argument of the draw holding word idx
+  uint32_t pending = 0;                            // high half of the last draw, when idx is odd
+  if (idx & 1) {
+    pending = static_cast<uint32_t>(mix64(x) >> 32);
+    x += GOLDEN;
+  }
+  const uint32_t diff = static_cast<uint32_t>(from ^ to);
+  // `remaining` at word idx is end - idx (one word per candidate), one live variable less on a
+  // loop that spills
+  const uint64_t end = idx + static_cast<uint64_t>(remaining);
   uint64_t nd = static_cast<uint64_t>(need);
   for (int32_t r = 1; r <= n; ++r) {
     uint8_t* line = grid + static_cast<int64_t>(r) * size + 1;
     for (int32_t c0 = 0; c0 < n; c0 += 64) {
       const int32_t len = n - c0 < 64 ? n - c0 : 64;
       uint64_t w = match_mask(line + c0, len, from);
-      while (w) {
+      if ((idx & 1) && w) {  // finish the half-used draw
         const int b = ctz64(w);
         w &= w - 1;
-        // u = uniform(remaining) is off the serial chain; only `u < need; need -= sel` is on it
-        // (2 cycles per candidate; comparing h * rem with need << 32 measured slower)
-        const uint64_t u = uniform_word(words.next(), rem);
-        const uint64_t sel = u < nd;
-        // arithmetic select: a ?: here compiles to a branch on random data when from/to are not
-        // compile-time constants (measured 2x slower generation)
-        line[c0 + b] = static_cast<uint8_t>(from ^ ((from ^ to) & (0u - static_cast<uint32_t>(sel))));
-        nd -= sel;
-        --rem;
+        select_one(line + c0 + b, pending, from, diff, end - idx, nd);
+        ++idx;
+        if (nd == 0) break;
+      }
+      while (w & (w - 1)) {  // two candidates, one draw: low half, then high half
+        const uint64_t h = mix64(x);
+        x += GOLDEN;
+        const int b0 = ctz64(w);
+        w &= w - 1;
+        const int b1 = ctz64(w);
+        w &= w - 1;
+        select_one(line + c0 + b0, static_cast<uint32_t>(h), from, diff, end - idx, nd);
+        // if the first completed the sample the second cannot be selected (u < 0): its cell is
+        // unchanged and only the word count needs the exact end, below
+        const uint64_t second = select_one(line + c0 + b1, static_cast<uint32_t>(h >> 32), from,
+                                           diff, end - idx - 1, nd);
+        idx += 2;
         if (nd == 0) {
-          counter = words.index;
-          return;
+          // one test per pair, not per candidate (a spill of the first test's flag had put a
+          // store and reload on the serial chain: 27.4 -> 22.4 us per maze through cpu_sampler)
+          idx -= 1 - second;  // the second not selected: the sample ended at the first
+          break;
         }
       }
+      if (nd == 0) break;
+      if (w) {  // a last candidate takes a draw's low half; its high half waits for the next one
+        const uint64_t h = mix64(x);
+        x += GOLDEN;
+        pending = static_cast<uint32_t>(h >> 32);
+        select_one(line + c0 + ctz64(w), static_cast<uint32_t>(h), from, diff, end - idx, nd);
+        ++idx;
+        if (nd == 0) break;
+      }
     }
+    if (nd == 0) break;
   }
-  counter = words.index;  // unreachable when remaining counts the candidates (need <= remaining)
+  counter = idx;  // need <= remaining, so the sample always completes
 }
 
 // The k-th (0-based) set bit of a 4-bit mask of open directions (bit d = direction d), as a
@@ -270,11 +317,61 @@ constexpr uint64_t walk_pick_word(int half) {
 constexpr uint64_t WALK_PICK_LO = walk_pick_word(0);
 constexpr uint64_t WALK_PICK_HI = walk_pick_word(1);
 
+// One walk step (spec "Generation" step 4) from interior cell (r, c) with word `word`: moves to
+// a uniformly picked interior neighbour and carves it; keeps the interior Mold count.
+WS_HD void walk_step(uint32_t word, int32_t n, int32_t S, uint8_t* grid, int32_t& r, int32_t& c,
+                     int64_t& mold) {
+  int d;
+  if (static_cast<uint32_t>(r - 2) < static_cast<uint32_t>(n - 2) &&
+      static_cast<uint32_t>(c - 2) < static_cast<uint32_t>(n - 2)) {
+    // 1 < r < n and 1 < c < n: all four neighbours are interior, so the list is N, E, S, W and
+    // uniform(4) is the word's top two bits. The position's serial chain is then just the adds
+    // below (the branch is predicted: the walk is mostly away from the border): the walk went
+    // from 9 us to ~2.5 us per size-100 maze.
+    d = static_cast<int>(word >> 30);
+  } else {
+    // interior neighbours in N, E, S, W order, as bits
+    const uint32_t open = static_cast<uint32_t>(r > 1) | (static_cast<uint32_t>(c < n) << 1) |
+                          (static_cast<uint32_t>(r < n) << 2) | (static_cast<uint32_t>(c > 1) << 3);
+    const uint64_t count = (open & 1) + ((open >> 1) & 1) + ((open >> 2) & 1) + (open >> 3);
+    const uint32_t idx = open * 4 + uniform_word(word, count);
+    d = static_cast<int>(((idx < 32 ? WALK_PICK_LO : WALK_PICK_HI) >> (2 * (idx & 31))) & 3);
+  }
+  // branch-free deltas (nibble d of the constant, minus 1): with dir_drow/dir_dcol the compiler
+  // branched on the random direction, ~27 cycles per step (7.7 us per maze) in mispredictions
+  r += static_cast<int32_t>((0x1210u >> (4 * d)) & 0xFu) - 1;  // N -1, E 0, S +1, W 0
+  c += static_cast<int32_t>((0x0121u >> (4 * d)) & 0xFu) - 1;  // N 0, E +1, S 0, W -1
+  uint8_t& cell = grid[static_cast<int64_t>(r) * S + c];
+  mold -= (cell == MOLD);
+  cell = PATH;
+}
+
 // The selection-sampling routine generate_maze() uses. The CPU backend substitutes a SIMD version
 // (cpu_sampler.cpp) that must give bitwise the same grid and counter; the tests compare them.
+#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
+#define WS_FIXED_TILE_SAMPLER 1
+// Host builds give the generator's two passes their own out-of-line copies with the tiles as
+// constants. Measured (size 100, portable, CPU time): inlined into generate_maze() 28 us per maze
+// (GCC spilled the loop's state onto the serial chain), out of line with run-time tiles 26.6, out
+// of line with constant tiles 23.3.
+template <uint8_t From, uint8_t To>
+__attribute__((noinline, flatten)) void selection_sample_fixed(uint8_t* grid, int32_t size,
+                                                              int32_t n, int64_t need,
+                                                              int64_t remaining, uint64_t key,
+                                                              uint64_t& counter) {
+  selection_sample(grid, size, n, From, To, need, remaining, key, counter);
+}
+#endif
+
 struct DefaultSampler {
   WS_HD void operator()(uint8_t* grid, int32_t size, int32_t n, uint8_t from, uint8_t to,
                         int64_t need, int64_t remaining, uint64_t key, uint64_t& counter) const {
+#if defined(WS_FIXED_TILE_SAMPLER)
+    if (from == MOLD && to == PATH)
+      return selection_sample_fixed<MOLD, PATH>(grid, size, n, need, remaining, key, counter);
+    if (from == PATH && to == GOLD)
+      return selection_sample_fixed<PATH, GOLD>(grid, size, n, need, remaining, key, counter);
+#endif
     selection_sample(grid, size, n, from, to, need, remaining, key, counter);
   }
 };
@@ -302,33 +399,20 @@ WS_HD void generate_maze(const Config& cfg, uint64_t key, uint8_t* grid, const i
   const uint64_t lmin = static_cast<uint64_t>(cfg.walk_min_mult) * n;
   const uint64_t lspan = static_cast<uint64_t>(cfg.walk_max_mult) * n - lmin + 1;
   const uint64_t L = lmin + uniform_word(words.next(), lspan);
-  // 4. the walk (n == 1: no interior neighbours, no draws)
-  if (n > 1) {
-    for (uint64_t s = 0; s < L; ++s) {
-      const uint32_t word = words.next();
-      int d;
-      if (r > 1 && r < n && c > 1 && c < n) {
-        // All four neighbours are interior, so the list is N, E, S, W and uniform(4) is the word's
-        // top two bits: the position's serial chain is then just the add below (the branch is
-        // predicted: the walk is mostly away from the border). 9 us -> ~2 us per size-100 maze.
-        d = static_cast<int>(word >> 30);
-      } else {
-        // interior neighbours in N, E, S, W order, as bits
-        const uint32_t open = static_cast<uint32_t>(r > 1) | (static_cast<uint32_t>(c < n) << 1) |
-                              (static_cast<uint32_t>(r < n) << 2) |
-                              (static_cast<uint32_t>(c > 1) << 3);
-        const uint64_t count = (open & 1) + ((open >> 1) & 1) + ((open >> 2) & 1) + (open >> 3);
-        const uint32_t idx = open * 4 + uniform_word(word, count);
-        d = static_cast<int>(((idx < 32 ? WALK_PICK_LO : WALK_PICK_HI) >> (2 * (idx & 31))) & 3);
-      }
-      r += dir_drow(d);
-      c += dir_dcol(d);
-      uint8_t& cell = grid[static_cast<int64_t>(r) * S + c];
-      mold -= (cell == MOLD);
-      cell = PATH;
-    }
-  }
+  // 4. the walk (n == 1: no interior neighbours, no draws). It starts at word 2 (even), so its
+  // words go in pairs, the low and high halves of one draw.
   uint64_t counter = words.index;
+  if (n > 1) {
+    uint64_t x = g + ((counter >> 1) + 1) * GOLDEN;
+    for (uint64_t s = 0; s + 2 <= L; s += 2) {
+      const uint64_t h = mix64(x);
+      x += GOLDEN;
+      walk_step(static_cast<uint32_t>(h), n, S, grid, r, c, mold);
+      walk_step(static_cast<uint32_t>(h >> 32), n, S, grid, r, c, mold);
+    }
+    if (L & 1) walk_step(static_cast<uint32_t>(mix64(x)), n, S, grid, r, c, mold);
+    counter += L;
+  }
   // 5. too much Mold: flip down to a uniform target in [lo, hi]
   if (mold > cfg.mold_hi) {
     const int64_t target =

@@ -92,6 +92,49 @@ TEST(cpu_sampler_matches_shared_sampler) {
   }
 }
 
+TEST(cpu_sampler_matches_shared_sampler_directly) {
+  // The sampler alone on random grids: odd and even starting words (the SIMD path takes the word
+  // window one dword later), need from 1 to remaining (the last selected candidate ends the
+  // sample), rows of one partial word, of exactly 64 cells and of more than one word (the SIMD
+  // routine batches 8 non-empty masks across rows: S = 200 has 4 masks per row).
+  uint64_t state = 0x1234567;
+  auto next = [&] { return state = mix64(state + GOLDEN); };
+  int compared = 0;
+  for (int S : {4, 7, 66, 100, 131, 200}) {
+    const int n = S - 2;
+    for (int trial = 0; trial < 12; ++trial) {
+      std::vector<uint8_t> a(size_t(S) * S, MOLD);
+      const uint64_t density = next() % 100;  // percent of Path among interior cells
+      int64_t paths = 0;
+      for (int r = 1; r <= n; ++r)
+        for (int c = 1; c <= n; ++c) {
+          const bool path = next() % 100 < density;
+          a[size_t(r * S + c)] = path ? PATH : MOLD;
+          paths += path;
+        }
+      const uint8_t from = trial % 2 ? PATH : MOLD, to = trial % 2 ? GOLD : PATH;
+      const int64_t remaining = from == PATH ? paths : int64_t(n) * n - paths;
+      if (remaining == 0) continue;
+      const int64_t needs[4] = {1, remaining, 1 + int64_t(next() % uint64_t(remaining)),
+                                remaining > 1 ? remaining - 1 : 1};
+      for (int64_t need : needs) {
+        const uint64_t key = next(), start = trial % 4 + (next() % 2) * 1000;
+        std::vector<uint8_t> b = a, c = a;
+        uint64_t cb = start, cc = start;
+        selection_sample(b.data(), S, n, from, to, need, remaining, key, cb);
+        CpuSampler()(c.data(), S, n, from, to, need, remaining, key, cc);
+        CHECK(b == c);
+        CHECK_EQ(cb, cc);
+        int64_t turned = 0;
+        for (size_t j = 0; j < b.size(); ++j) turned += a[j] != b[j];
+        CHECK_EQ(turned, need);
+        ++compared;
+      }
+    }
+  }
+  CHECK(compared > 200);
+}
+
 TEST(step_validation_leaves_state_unchanged) {
   Batch b(8, 6);
   const Config c = cfg(6);

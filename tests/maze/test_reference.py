@@ -109,6 +109,22 @@ def test_uniform_and_bernoulli():
         assert 0 <= R.uniform(99, c, 5) < 5
 
 
+def test_generator_word_stream():
+    # Word w is the low (w even) or high (w odd) half of draw(key, w // 2); draw(0, 0) is
+    # 0xE220A8397B1DCDAF.
+    assert R.gen_word(0, 0) == 0x7B1DCDAF and R.gen_word(0, 1) == 0xE220A839
+    assert R.gen_uniform(0, 0, 24) == (0x7B1DCDAF * 24) >> 32 == 11
+    assert R.gen_uniform(0, 1, 24) == 21
+    gk = R.gen_key(R.episode_key(42, 7, 3))
+    # the same values the C++ unit tests pin (tests/cpp/test_rules.cpp, rng_known_values)
+    assert R.gen_word(gk, 10) == 0xC6B75F23 and R.gen_word(gk, 11) == 0xBCFA86EE
+    assert [R.gen_uniform(gk, w, 10) for w in range(8)] == [1, 2, 6, 8, 3, 2, 4, 9]
+    for w in range(50):
+        d = R.draw(gk, w // 2)
+        assert R.gen_word(gk, w) == (d >> 32 if w % 2 else d & 0xFFFFFFFF)
+        assert 0 <= R.gen_uniform(gk, w, 7) < 7
+
+
 def test_permutation_lehmer_code():
     assert R.permutation(0) == [NORTH, EAST, SOUTH, WEST]
     assert R.permutation(1) == [NORTH, EAST, WEST, SOUTH]

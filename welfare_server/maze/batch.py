@@ -144,14 +144,17 @@ class MazeBatch:
         self._call("reset", self._state, 0)
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _call(self, name: str, *args):
-        """Call the CPU or CUDA entry point of the core: the one place the backend is chosen."""
+    def _call(self, name: str, *args, batch_call: bool = True):
+        """Call the CPU or CUDA entry point of the core: the one place the backend is chosen.
+        CUDA calls end with the current stream; CPU batch calls with the thread count (clone, a
+        plain copy, takes none)."""
         core = _core()
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device).cuda_stream
             with torch.cuda.device(self.device):
                 return getattr(core, "cuda_" + name)(self._cfg, *args, stream)
-        return getattr(core, "cpu_" + name)(self._cfg, *args, self.num_threads)
+        tail = (self.num_threads,) if batch_call else ()
+        return getattr(core, "cpu_" + name)(self._cfg, *args, *tail)
 
     def _env_tensor(self, value, name: str, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
         """Check a per-env argument's shape and convert it to a contiguous tensor on our device."""
@@ -188,15 +191,7 @@ class MazeBatch:
         for name, value in (("src", src), ("dst_start", dst_start), ("dst_stop", dst_stop)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"clone {name} must be an int, got {value!r}")
-        self._call_plain("clone", src, dst_start, dst_stop, bool(independent))
-
-    def _call_plain(self, name: str, *args):
-        """Core calls that take no thread count / stream beyond the backend choice (clone)."""
-        core = _core()
-        if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            return getattr(core, "cuda_" + name)(self._cfg, self._state, *args, stream)
-        return getattr(core, "cpu_" + name)(self._cfg, self._state, *args)
+        self._call("clone", self._state, src, dst_start, dst_stop, bool(independent), batch_call=False)
 
     # -- observations ---------------------------------------------------------------------------
     def observe(self) -> Observation:
@@ -248,18 +243,15 @@ class MazeBatch:
         tiles (-1 if none) and the first moves of shortest paths (see docs/maze_spec.md)."""
         dist = torch.empty(self.num_envs, dtype=torch.int32, device=self.device)
         optimal = torch.empty(self.num_envs, 4, dtype=torch.uint8, device=self.device)
+        extra = ()
         if self.device.type == "cuda":
-            # The CUDA oracle BFSes from every env at once in caller-provided scratch (9 bytes per
-            # cell per env); it works through the batch in chunks of as many envs as fit in it.
-            core = _core()
+            # The CUDA oracle BFSes every env of a chunk at once in caller-provided scratch (9 bytes
+            # per cell per env), working through the batch chunk by chunk.
             chunk = min(self.num_envs, ORACLE_CUDA_CHUNK_ENVS)
-            scratch = torch.empty(core.cuda_oracle_scratch_bytes(self._cfg, chunk), dtype=torch.uint8,
+            scratch = torch.empty(_core().cuda_oracle_scratch_bytes(self._cfg, chunk), dtype=torch.uint8,
                                   device=self.device)
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            core.cuda_oracle(self._cfg, self._state, dist.data_ptr(), optimal.data_ptr(), scratch.data_ptr(),
-                             scratch.numel(), stream)
-        else:
-            self._call("oracle", self._state, dist.data_ptr(), optimal.data_ptr())
+            extra = (scratch.data_ptr(), scratch.numel())
+        self._call("oracle", self._state, dist.data_ptr(), optimal.data_ptr(), *extra)
         return dist, optimal.bool()
 
     def _check_buffer(self, tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:

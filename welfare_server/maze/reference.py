@@ -104,6 +104,30 @@ class _Stream:
         return value
 
 
+# ------------------------------------------------------------------------------------- generation
+@lru_cache(maxsize=None)
+def _bfs_order_cached(size: int) -> tuple[int, ...]:
+    centre = (size // 2) * size + size // 2
+    seen = bytearray(size * size)
+    seen[centre] = 1
+    queue = deque([centre])
+    order = []
+    # Neighbours pushed in the order N, S, E, W (DESIGN.md), not the N, E, S, W of actions.
+    nsew = (DIRECTION_DELTAS[0], DIRECTION_DELTAS[2], DIRECTION_DELTAS[1], DIRECTION_DELTAS[3])
+    while queue:
+        cell = queue.popleft()
+        order.append(cell)
+        r, c = divmod(cell, size)
+        for dr, dc in nsew:
+            nr, nc = r + dr, c + dc
+            if 0 <= nr < size and 0 <= nc < size:
+                nxt = nr * size + nc
+                if not seen[nxt]:
+                    seen[nxt] = 1  # marked when enqueued: each cell visited exactly once
+                    queue.append(nxt)
+    return tuple(order)
+
+
 def bfs_order(size: int) -> list[int]:
     """Cell indices in BFS visiting order from (size//2, size//2), neighbours pushed N, S, E, W."""
     return list(_bfs_order_cached(size))
