@@ -5,10 +5,13 @@ Providers (greedy, ignore eos, every row generates exactly --new-tokens):
   hf_generate              HF generate, no steering
   hf_hooks_K=B_l1          HF generate + forward pre-hooks, every row its own vector, one layer
   engine                   the engine, no steering
+  engine_noprepack         (CPU only) the engine with EngineConfig.cpu_prepack=False: F.linear
+                           (MKL) on the HF weights, the linear path before cpu_linear.py
   engine_K={k}_{l1|all}    the engine, k distinct vectors spread over the rows, at one layer
                            (the middle one) or at every layer (block input)
 tok/s = batch * new_tokens / wall time of the whole generate call (prefill included).
-ratio = tok/s / hf_generate tok/s measured in the same run.
+ratio = tok/s / hf_generate tok/s measured in the same run (HF and the engine share one model
+object, hence one dtype: compare fp32 with fp32, bf16 with bf16).
 
 Model: random-init SmolLM2-135M shape (preset smollm2-135m-random) unless --model is given.
 Examples:
@@ -50,14 +53,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-random")
     ap.add_argument("--batches", default="1,8,32,128,256")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
     ap.add_argument("--quick", action="store_true",
-                    help="K in {1, batch} only, and HF hooks only at batch <= 8")
+                    help="32 new tokens, K in {1, batch} only, and HF hooks only at batch <= 8")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per provider (best kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.csv"))
     ap.add_argument("--note", default="")
     args = ap.parse_args()
+    if args.new_tokens is None:
+        args.new_tokens = 32 if args.quick else 128
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -97,6 +102,11 @@ def main() -> None:
                 max_new_tokens=n, ignore_eos=True)) for p, s in zip(prompts, specs)])
 
         runs["engine"] = engine_run([None] * B)
+        if dev.type == "cpu":
+            eng_ref = Engine(lm, EngineConfig(max_batch_slots=B, max_context_len=T + n_new, max_bank_vectors=8,
+                                              max_prefill_tokens=max(8192, B * T), cpu_prepack=False))
+            runs["engine_noprepack"] = lambda n: eng_ref.generate([Request(prompt=p, sampling=SamplingParams(
+                max_new_tokens=n, ignore_eos=True)) for p in prompts])
         ks = sorted({1, B} if args.quick else {1, 8, B})
         for k in ks:
             for tag, layers in (("l1", [L // 2]), ("all", list(range(L)))):
@@ -123,6 +133,7 @@ def main() -> None:
                   f"  ({tps / results['engine']:.3f} of engine unsteered)" if name.startswith("engine") else
                   f"B={B:4d} {name:22s} {tps:10.1f} tok/s  x{tps / base:.2f} vs HF generate")
         del eng
+        eng_ref = None
     append_rows(args.out, list(rows[0].keys()), rows)
     print(f"appended {len(rows)} rows to {args.out}")
 

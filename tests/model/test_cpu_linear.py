@@ -1,0 +1,65 @@
+"""cpu_linear: the oneDNN-prepacked CPU linear equals F.linear (within the dtype's tolerance) on
+odd shapes, with and without bias; the engine gives the same greedy tokens with and without it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.model.conftest import rand_prompts
+from welfare_server.model import cpu_linear
+from welfare_server.model.engine import Engine, EngineConfig, Request, SamplingParams
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 8, 83])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_matches_f_linear(dtype, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(577, 83, generator=g).to(dtype)
+    b = torch.randn(577, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, 83, generator=g).to(dtype)
+    lin = cpu_linear.make_linear(w, b)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build")
+    assert lin.is_packed
+    y = torch.full((rows, 577), float("nan"), dtype=dtype)
+    y.copy_(lin(x))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), atol=atol, rtol=rtol)
+    assert lin.weight is w  # the original is referenced, not copied
+
+
+def test_fallbacks_are_f_linear():
+    w = torch.randn(5, 3)
+    assert not cpu_linear.make_linear(w, prepack=False).is_packed
+    assert not cpu_linear.make_linear(w.half()).is_packed  # fp16 on CPU: F.linear
+    x = torch.randn(2, 3)
+    assert torch.equal(cpu_linear.make_linear(w, prepack=False)(x), F.linear(x, w))
+
+
+def test_engine_prepack_on_off_same_tokens_and_refresh(get_model):
+    lm = get_model("tiny-llama")
+    prompts = rand_prompts([5, 17, 9], seed=2)
+
+    def run(eng):
+        return [o.token_ids for o in eng.generate(
+            [Request(prompt=p, sampling=SamplingParams(max_new_tokens=10, ignore_eos=True)) for p in prompts])]
+
+    cfg = {"max_batch_slots": 4, "max_context_len": 64}
+    packed = Engine(lm, EngineConfig(**cfg))
+    plain = Engine(lm, EngineConfig(cpu_prepack=False, **cfg))
+    assert packed.lm_head.is_packed and not plain.lm_head.is_packed
+    assert run(packed) == run(plain)
+    # The packed copies are snapshots: refresh_weights() picks up in-place weight changes.
+    down = lm.model.model.layers[0].mlp.down_proj.weight
+    saved = down.detach().clone()
+    try:
+        with torch.no_grad():
+            down.mul_(-3.0)
+        packed.refresh_weights()
+        assert run(packed) == run(plain)
+    finally:
+        with torch.no_grad():
+            down.copy_(saved)
+        packed.refresh_weights()
