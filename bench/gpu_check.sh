@@ -3,7 +3,10 @@
 # builds the extension with the CUDA backend, runs the CUDA/Triton tests and the GPU benchmarks,
 # and writes logs and CSV rows under $OUT (fetched back by the device tool).
 # The GPU image has torch/triton/transformers preinstalled and no network, hence --no-build-isolation.
-# TOKENIZER_DIR: a HF tokenizer directory carried to the machine (the bundled model's tokenizer files).
+# TOKENIZER_DIR: a HF tokenizer directory carried to the machine (the bundled model's tokenizer files,
+# 3.5 MB), prepared here with
+#   mkdir -p transfer/tokenizer && cp ~/.cache/welfare_server/models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja,config.json} transfer/tokenizer/
+# and run there as: TOKENIZER_DIR=transfer/tokenizer bash bench/gpu_check.sh  (device tool, carry ["transfer"]).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"

@@ -1,11 +1,6 @@
 """Shared fixtures: the bundled model's directory and tokenizer (fetched and converted once)."""
 
-import os
-
 import pytest
-
-TOKENIZER_DIR_ENV = "WELFARE_TOKENIZER_DIR"
-"""Set on machines without network (the GPU machine) to a directory holding just the tokenizer files."""
 
 
 @pytest.fixture(scope="session")
@@ -16,8 +11,11 @@ def bundled_model_dir():
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(request):
+def smollm2_tokenizer():
+    """The bundled tokenizer; $WELFARE_TOKENIZER_DIR points it elsewhere on machines without
+    network (the GPU machine), so tokenizer-only tests need no converted model there."""
     from transformers import AutoTokenizer
 
-    directory = os.environ.get(TOKENIZER_DIR_ENV) or request.getfixturevalue("bundled_model_dir")
-    return AutoTokenizer.from_pretrained(directory)
+    from welfare_server.model.bundled import default_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(default_tokenizer_dir())

@@ -141,6 +141,10 @@ class MazeBatch:
         self._step_out = core.StepOut(
             self._reward.data_ptr(), self._tile_entered.data_ptr(), self._tile_pushed.data_ptr(),
             self._step_wind.data_ptr(), self._step_done.data_ptr())
+        self._observation = Observation(
+            neighbours=alloc(B, 4, dtype=torch.int32), valid=alloc(B, 4, dtype=torch.bool),
+            order=alloc(B, 4, dtype=torch.int32), position=alloc(B, 2, dtype=torch.int32),
+            step_index=self.step_index, wind_from=self.wind_from)
         self._call("reset", self._state, 0)
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -195,12 +199,16 @@ class MazeBatch:
 
     # -- observations ---------------------------------------------------------------------------
     def observe(self) -> Observation:
-        neighbours = torch.empty(self.num_envs, 4, dtype=torch.int32, device=self.device)
-        order = torch.empty(self.num_envs, 4, dtype=torch.int32, device=self.device)
-        self._call("observe", self._state, neighbours.data_ptr(), order.data_ptr())
-        position = torch.stack([self.col, self.row], dim=1)
-        return Observation(neighbours, neighbours >= 0, order, position, self.step_index.clone(),
-                           self.wind_from.clone())
+        """What each env shows before its next move. Like step()'s result, the tensors are views of
+        fixed buffers (step_index and wind_from of the live state), overwritten by the next
+        observe/step: clone what you keep. (Fresh tensors per call cost more than the whole C++
+        observe at small B: 14 us vs 6 us per call at B=1 on the dev box.)"""
+        obs = self._observation
+        self._call("observe", self._state, obs.neighbours.data_ptr(), obs.order.data_ptr())
+        torch.ge(obs.neighbours, 0, out=obs.valid)
+        obs.position[:, 0].copy_(self.col)
+        obs.position[:, 1].copy_(self.row)
+        return obs
 
     def render_text(self, indices=None) -> list[str]:
         """The user-turn prompt text of each env (or of the given env indices)."""

@@ -53,15 +53,15 @@ class MazeVectorEnv(VectorEnv):
     def _observation(self) -> tuple[dict, np.ndarray]:
         observed = self.maze.observe()
         obs = {
-            "neighbours": observed.neighbours.cpu().numpy(),
-            "position": observed.position.cpu().numpy(),
-            "step_index": observed.step_index.cpu().numpy(),
-            "wind_from": observed.wind_from.cpu().numpy(),
+            "neighbours": _array(observed.neighbours),
+            "position": _array(observed.position),
+            "step_index": _array(observed.step_index),
+            "wind_from": _array(observed.wind_from),
         }
         if self.token_table is not None:
             ids, lengths = self.maze.render_tokens(self.token_table)
-            obs["tokens"], obs["token_length"] = ids.cpu().numpy(), lengths.cpu().numpy()
-        return obs, observed.valid.cpu().numpy()
+            obs["tokens"], obs["token_length"] = _array(ids), _array(lengths)
+        return obs, _array(observed.valid)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
@@ -75,11 +75,10 @@ class MazeVectorEnv(VectorEnv):
 
     def step(self, actions):
         result = self.maze.step(np.asarray(actions, dtype=np.int64))
-        reward = result.reward.cpu().numpy().astype(np.float32)
-        done = result.done.cpu().numpy()
-        info = {"tile_entered": result.tile_entered.cpu().numpy(),
-                "tile_pushed": result.tile_pushed.cpu().numpy(),
-                "wind_from": result.wind_from.cpu().numpy()}
+        reward = _array(result.reward)
+        done = _array(result.done)
+        info = {"tile_entered": _array(result.tile_entered), "tile_pushed": _array(result.tile_pushed),
+                "wind_from": _array(result.wind_from)}
         obs, mask = self._observation()
         if self.autoreset and done.any():
             info["final_obs"] = obs
@@ -88,3 +87,8 @@ class MazeVectorEnv(VectorEnv):
             obs, mask = self._observation()
         info["action_mask"] = mask
         return obs, reward, done.copy(), np.zeros_like(done), info
+
+
+def _array(tensor) -> np.ndarray:
+    """A NumPy copy: MazeBatch returns views of buffers that its next call overwrites."""
+    return tensor.cpu().numpy().copy()

@@ -28,6 +28,10 @@ from pathlib import Path
 CACHE_ENV_VAR = "WELFARE_SERVER_CACHE"
 """Environment variable that overrides the cache root (default ~/.cache/welfare_server)."""
 
+TOKENIZER_DIR_ENV_VAR = "WELFARE_TOKENIZER_DIR"
+"""Environment variable naming a directory with just the bundled model's tokenizer files, for
+machines without network and without the converted model (the lent GPU machine)."""
+
 MANIFEST_NAME = "welfare_manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -169,3 +173,9 @@ def ensure_default_model(spec: BundledModelSpec = DEFAULT_MODEL, *, force: bool 
 def default_model_dir() -> Path:
     """The bundled model's HF directory (converted on first use)."""
     return ensure_default_model()
+
+
+def default_tokenizer_dir() -> Path:
+    """Where the bundled model's tokenizer loads from: $WELFARE_TOKENIZER_DIR, else the model cache."""
+    override = os.environ.get(TOKENIZER_DIR_ENV_VAR)
+    return Path(override) if override else default_model_dir()

@@ -110,9 +110,9 @@ class LoadedModel:
 
             tok_dir = self._tokenizer_dir
             if tok_dir is None:
-                from welfare_server.model.bundled import default_model_dir
+                from welfare_server.model.bundled import default_tokenizer_dir
 
-                tok_dir = str(default_model_dir())
+                tok_dir = str(default_tokenizer_dir())
             self._tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         return self._tokenizer
 
