@@ -31,6 +31,7 @@ def test_greedy_rollout_equals_unbatched_forward(tiny_llama, smollm2_tokenizer, 
     result = rollout(tiny_llama, table, maze, RolloutConfig(temperature=0.0))
     replay = MazeBatch(config, 5, seed=3)  # the same mazes, to read the valid masks turn by turn
     action_ids = torch.tensor(table.action_token_ids)
+    messages = [[] for _ in range(maze.num_envs)]
     for t in range(config.episode_steps):
         valid = replay.observe().valid
         texts = replay.render_text()
@@ -45,7 +46,13 @@ def test_greedy_rollout_equals_unbatched_forward(tiny_llama, smollm2_tokenizer, 
             assert torch.allclose(result.logprobs[i, t], log_probs[choice], atol=1e-4)
             # The user turn before the answer is the maze's own prompt text.
             assert texts[i] in smollm2_tokenizer.decode(result.token_ids[i][:position])
+            messages[i] += [{"role": "user", "content": texts[i]},
+                            {"role": "assistant", "content": "NESW"[choice]}]
         replay.step(result.actions[:, t])
+    # The whole multi-turn conversation is exactly what the tokenizer's chat template makes of it.
+    for i in range(maze.num_envs):
+        templated = smollm2_tokenizer.apply_chat_template(messages[i], tokenize=True, return_dict=False)
+        assert list(templated) == result.token_ids[i]
     assert torch.equal(result.returns, result.rewards.sum(dim=1))
 
 
