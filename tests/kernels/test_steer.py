@@ -52,7 +52,8 @@ def _check_case(impl, T, D, dtype, seed, inplace):
 @pytest.mark.parametrize("case", REF_CASES, ids=_ids)
 def test_reference_sweep(case):
     T, D, dtype = case
-    _check_case("reference", T, D, dtype, seed=hash(case) % 10000, inplace=T % 2 == 0)
+    # A fixed seed per case (hash() of a tuple holding a dtype changes from run to run).
+    _check_case("reference", T, D, dtype, seed=(T * 7 + D) * 3 + DTYPES.index(dtype), inplace=T % 2 == 0)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])

@@ -166,7 +166,7 @@ def test_bounded_memory_refusals_and_waits(get_model):
     p = rand_prompts([20], seed=1)[0]
     with pytest.raises(RequestRefused, match="max_context_len=32"):
         eng.submit(Request(prompt=p, sampling=greedy(13)))
-    with pytest.raises(SteeringError, match=r"layers.*out of range \[0, 4\)"):
+    with pytest.raises(SteeringError, match=r"layers.*out of range \[-4, 4\)"):
         eng.submit(Request(prompt=p, sampling=greedy(4), steering=spec(D, 1, [L])))
     three = SteeringSpec([SteeringTerm(rand_vec(D, i), [0], 1.0) for i in range(3)])
     with pytest.raises(SteeringError, match="max_terms_per_row=2"):
@@ -180,7 +180,11 @@ def test_bounded_memory_refusals_and_waits(get_model):
     vid = eng.register_vector(rand_vec(D, 9))
     two = SteeringSpec([SteeringTerm(rand_vec(D, i), [i]) for i in range(2)])
     h = eng.submit(Request(prompt=p, sampling=greedy(2), steering=two))
-    eng.step()
+    # A later request that fits is not held up behind it (no head-of-line blocking).
+    later = eng.submit(Request(prompt=p, sampling=greedy(2)))
+    for _ in range(4):
+        eng.step()
+    assert later.done and later.output.finish_reason == "length"
     assert eng.num_waiting == 1 and not h.done
     eng.remove_vector(vid)
     eng.run_until_done()
@@ -212,3 +216,59 @@ def test_bank_ids_and_unsupported_family(get_model):
     from welfare_server.model.loading import LoadedModel
     with pytest.raises(NotImplementedError, match="gpt2"):
         Engine(LoadedModel(model=Fake(), name="x", device=torch.device("cpu"), dtype=torch.float32))
+
+
+def test_submit_refuses_what_admission_or_sampling_would_fail_on(get_model):
+    """Bad monitor vectors / sampling values are refused at submit, naming the field; before,
+    some passed submit and raised inside step() with a slot already claimed."""
+    lm = get_model("tiny-llama")
+    D, L = lm.config.hidden_size, lm.config.num_hidden_layers
+    eng = Engine(lm, EngineConfig(max_batch_slots=2, max_context_len=64, max_prefill_tokens=16))
+    p = rand_prompts([8], seed=5)[0]
+    bad_mon = torch.ones(2, D)
+    bad_mon[1, 3] = float("nan")
+    with pytest.raises(RequestRefused, match="monitor.vectors: contains NaN"):
+        eng.submit(Request(prompt=p, sampling=greedy(2), monitor=MonitorSpec(bad_mon, [0])))
+    with pytest.raises(RequestRefused, match=r"monitor.layers: 1.5 out of range \[-4, 4\)"):
+        eng.submit(Request(prompt=p, sampling=greedy(2), monitor=MonitorSpec(torch.ones(1, D), [1.5])))
+    with pytest.raises(RequestRefused, match="sampling.temperature"):
+        eng.submit(Request(prompt=p, sampling=SamplingParams(temperature=float("nan"), max_new_tokens=2)))
+    with pytest.raises(RequestRefused, match="sampling.top_p"):
+        eng.submit(Request(prompt=p, sampling=SamplingParams(top_p=0.0, max_new_tokens=2)))
+    with pytest.raises(RequestRefused, match="sampling.seed"):
+        eng.submit(Request(prompt=p, sampling=SamplingParams(temperature=1.0, seed=2**64, max_new_tokens=2)))
+    with pytest.raises(RequestRefused, match="max_prefill_tokens=16"):
+        eng.submit(Request(prompt=rand_prompts([17], seed=5)[0], sampling=greedy(2)))
+    assert eng.num_waiting == 0
+    out = eng.generate([Request(prompt=p, sampling=greedy(3))])[0]
+    assert out.finish_reason == "length" and eng.num_running == 0 and eng.monitor_bank.num_free == 64
+    # A layer named twice in one term (also as a negative index) is one term at that layer.
+    eng1 = Engine(lm, EngineConfig(max_batch_slots=1, max_context_len=64, max_terms_per_row=1))
+    v = rand_vec(D, 3)
+    twice = eng1.generate([Request(prompt=p, sampling=greedy(5), steering=SteeringSpec(
+        [SteeringTerm(v, [1, 1, 1 - L], 4.0)], Scope.ALL))])[0]
+    once = eng1.generate([Request(prompt=p, sampling=greedy(5), steering=SteeringSpec(
+        [SteeringTerm(v, [1], 4.0)], Scope.ALL))])[0]
+    assert twice.token_ids == once.token_ids
+
+
+def test_warmup_captures_the_keys_decode_uses(get_model, monkeypatch):
+    """warmup(ctx=n) prepares every context bucket a decode up to n tokens asks for (it used to
+    capture ctx=n itself, a key decode never uses unless n is a bucket multiple), and refuses to
+    run while requests hold cache rows."""
+    lm = get_model("tiny-llama")
+    eng = Engine(lm, EngineConfig(max_batch_slots=4, max_context_len=64, graph_ctx_bucket=16,
+                                  static_decode=True))
+    keys = []
+    eng.use_graphs = True  # CPU: record the keys instead of capturing
+    monkeypatch.setattr(eng, "_graph_run", keys.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    eng.warmup([3], ctx=40)
+    assert {k[1] for k in keys} == {16, 32, 48} and {k[0] for k in keys} == {4}
+    assert {eng._ctx_bucket(n) for n in range(1, 41)} <= {k[1] for k in keys}
+    eng.submit(Request(prompt=rand_prompts([5], seed=1)[0], sampling=greedy(8)))
+    eng.use_graphs = False
+    eng.step()
+    eng.use_graphs = True
+    with pytest.raises(RuntimeError, match="before traffic"):
+        eng.warmup([1])

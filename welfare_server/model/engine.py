@@ -19,13 +19,15 @@ bf16(xn) * bf16(1 + w) in half precision, where HF computes (xn * (1 + w)) in fp
 a last-bit difference in bf16.
 
 Scheduling: step() (1) retires cancelled requests, (2) admits waiting requests into free slots
-(FIFO; a request whose vectors do not fit in the bank waits at the head), prefills them in padded
+(in arrival order; one whose vectors do not fit in the bank yet waits without holding up later
+requests that fit), prefills them in padded
 batches and samples their first token, (3) decodes one token for every running request.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -38,8 +40,8 @@ from welfare_server.model.cpu_linear import make_linear
 from welfare_server.model.loading import FAST_PATH_FAMILIES, LoadedModel
 from welfare_server.model.prompts import render_chat
 from welfare_server.model.steering import (BLOCK_INPUT, BLOCK_OUTPUT, POINTS, ResolvedSteering,
-                                           SteeringSpec, VectorBank,
-                                           prompt_steer_mask, resolve_spec, validate_spec)
+                                           SteeringSpec, VectorBank, prompt_steer_mask,
+                                           resolve_spec, token_term_tables, validate_spec)
 
 
 class RequestRefused(ValueError):
@@ -333,7 +335,8 @@ class Engine:
         # into a scaled embedding module (with an embed_scale buffer), older ones do it in forward.
         self.embed_scale = None
         if family == "gemma" and not hasattr(self.embed, "embed_scale"):
-            self.embed_scale = torch.tensor(hf_cfg.hidden_size ** 0.5, dtype=self.dtype)
+            # On the device: a host->device copy per step would sync inside CUDA-graph capture.
+            self.embed_scale = torch.tensor(hf_cfg.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
         self.layers = [_Layer(b, hf_cfg, family, cfg.fuse_weights, self.dtype, cfg.cpu_prepack) for b in inner.layers]
         self.L = len(self.layers)
         self.D = hf_cfg.hidden_size
@@ -430,15 +433,24 @@ class Engine:
             raise RequestRefused("request.prompt: empty")
         if any(t < 0 or t >= self.vocab for t in ids):
             raise RequestRefused(f"request.prompt: token id out of range [0, {self.vocab})")
+        if len(ids) > cfg.max_prefill_tokens:
+            raise RequestRefused(f"request.prompt: {len(ids)} tokens exceed max_prefill_tokens="
+                                 f"{cfg.max_prefill_tokens} (one prompt is prefilled in one batch)")
         if sp.max_new_tokens < 1:
             raise RequestRefused("sampling.max_new_tokens must be >= 1")
         if len(ids) + sp.max_new_tokens > cfg.max_context_len:
             raise RequestRefused(
                 f"request: prompt ({len(ids)} tokens) + sampling.max_new_tokens ({sp.max_new_tokens}) "
                 f"exceeds max_context_len={cfg.max_context_len}")
-        if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.top_k < 0:
-            raise RequestRefused("sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-        new_vectors = validate_spec(request.steering, self.L, self.D, cfg.max_terms_per_row, self.bank)
+        if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
+            raise RequestRefused(f"sampling.temperature: {sp.temperature} must be finite and >= 0")
+        if not 0 < sp.top_p <= 1:
+            raise RequestRefused(f"sampling.top_p: {sp.top_p} must be in (0, 1]")
+        if sp.top_k < 0:
+            raise RequestRefused(f"sampling.top_k: {sp.top_k} must be >= 0 (0 = off)")
+        if sp.seed is not None and not -2**63 <= sp.seed < 2**63:
+            raise RequestRefused(f"sampling.seed: {sp.seed} does not fit in int64")
+        new_vectors = validate_spec(request.steering, self.L, cfg.max_terms_per_row, self.bank)
         if new_vectors > self.bank.capacity:
             raise RequestRefused(f"steering: {new_vectors} new vectors exceed max_bank_vectors={self.bank.capacity}")
         if request.monitor is not None:
@@ -447,11 +459,14 @@ class Engine:
                 raise RequestRefused(f"monitor.vectors: shape {tuple(m.vectors.shape)}, expected (M, {self.D})")
             if m.vectors.shape[0] > cfg.max_monitor_vectors:
                 raise RequestRefused(f"monitor.vectors: {m.vectors.shape[0]} exceed max_monitor_vectors={cfg.max_monitor_vectors}")
+            # Checked here, not at admission: a bad vector found there would fail mid-step.
+            if not torch.isfinite(m.vectors).all():
+                raise RequestRefused("monitor.vectors: contains NaN or inf")
             if m.point not in POINTS:
                 raise RequestRefused(f"monitor.point: {m.point!r} is not one of {list(POINTS)}")
             for layer in m.layers:
-                if not -self.L <= layer < self.L:
-                    raise RequestRefused(f"monitor.layers: {layer} out of range [0, {self.L})")
+                if not isinstance(layer, int) or not -self.L <= layer < self.L:
+                    raise RequestRefused(f"monitor.layers: {layer!r} out of range [-{self.L}, {self.L})")
         rid = request.request_id or f"req-{next(self._ids)}"
         seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         stop = set(int(t) for t in sp.stop_token_ids)
@@ -523,13 +538,18 @@ class Engine:
     # ------------------------------------------------------------------ admission
     def _admit(self) -> list[_Seq]:
         new = []
-        while self._waiting and self._free_slots:
-            seq = self._waiting[0]
+        # In arrival order, but a request whose vectors do not fit in the bank now does not hold
+        # up the ones behind it: it waits for running requests (or the removal of persistent
+        # vectors) to free slots, while later requests that fit are admitted.
+        position = 0
+        while position < len(self._waiting) and self._free_slots:
+            seq = self._waiting[position]
             req = seq.request
             n_mon = 0 if req.monitor is None else req.monitor.vectors.shape[0]
             if seq.new_vectors > self.bank.num_free or n_mon > self.monitor_bank.num_free:
-                break  # waits (FIFO) until running requests release bank slots
-            self._waiting.pop(0)
+                position += 1
+                continue
+            self._waiting.pop(position)
             seq.slot = self._free_slots.pop()
             self._slots[seq.slot] = seq
             seq.steering = resolve_spec(req.steering, self.L, self.cfg.max_terms_per_row, self.bank)
@@ -578,7 +598,7 @@ class Engine:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
         if self.embed_scale is not None:
-            h = h * self.embed_scale.to(h.device)
+            h = h * self.embed_scale
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -700,14 +720,11 @@ class Engine:
 
         # Per-token term tables: each row's terms on the tokens its scope covers, -1 elsewhere.
         tables = {}
-        used = torch.stack([s.steering.used for s in seqs]).any(0)  # [L, 2]
-        width = torch.stack([s.steering.width for s in seqs]).amax(0)
-        tok_mask = steer_mask.reshape(-1)[:, None]
-        for l, p in used.nonzero().tolist():
+        width = torch.stack([s.steering.width for s in seqs]).amax(0)  # [L, 2]
+        for l, p in (width > 0).nonzero().tolist():
             w = int(width[l, p])
-            rows = lambda t: t[l, p, slots][:, None, :w].expand(N, Tm, w).reshape(N * Tm, w)  # noqa: E731
-            tvr = torch.where(tok_mask, rows(self.tv), torch.full((), -1, dtype=torch.int32, device=dev))
-            tables[(l, p)] = (tvr.contiguous(), rows(self.tc).contiguous(), rows(self.tm).contiguous())
+            tables[(l, p)] = token_term_tables(self.tv[l, p, slots, :w], self.tc[l, p, slots, :w],
+                                               self.tm[l, p, slots, :w], steer_mask)
         mon = self._monitor_set(seqs)
         mon_out = {}
         h = self._embed(ids.reshape(-1))
@@ -730,17 +747,12 @@ class Engine:
         """Term tables of the running rows (rebuilt only when the batch composition changes)."""
         if self._tables_cache is not None and self._tables_cache[0] == rows_key:
             return self._tables_cache[1]
-        slot_list = list(rows_key)
-        widths = self._slot_width[slot_list].amax(0)  # [L, 2]
+        widths = self._slot_width[list(rows_key)].amax(0)  # [L, 2]
         tables = {}
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
         for l, p in (widths > 0).nonzero().tolist():
             w = int(widths[l, p])
-            if contiguous:
-                sl = slice(slot_list[0], slot_list[0] + len(slot_list))
-                tables[(l, p)] = (self.tv[l, p, sl, :w], self.tc[l, p, sl, :w], self.tm[l, p, sl, :w])
-            else:
-                tables[(l, p)] = tuple(t[l, p, slots_t, :w].contiguous() for t in (self.tv, self.tc, self.tm))
+            # Gathered copies (the kernels want contiguous tables), made once per composition.
+            tables[(l, p)] = tuple(t[l, p, slots_t, :w] for t in (self.tv, self.tc, self.tm))
         self._tables_cache = (rows_key, tables)
         return tables
 
@@ -801,6 +813,11 @@ class Engine:
                 return b
         return self.cfg.max_batch_slots
 
+    def _ctx_bucket(self, n: int) -> int:
+        """Cache length a static step attends over for contexts of n tokens (a graph-key field)."""
+        cb = self.cfg.graph_ctx_bucket
+        return min(self.cfg.max_context_len, -(-n // cb) * cb)
+
     def _static_step(self, B: int, ctx: int, steer_in: bool, steer_out: bool):
         """Logits [B, V] for slots [0, B) from ids_buf/pos_buf; every shape depends only on
         (B, ctx), every tensor read is a fixed buffer, so the call can be graph-captured."""
@@ -843,9 +860,7 @@ class Engine:
             finally:
                 self.static = saved
         B = self._bucket(max(s.slot for s in seqs) + 1)
-        ctx_needed = max(s.length for s in seqs) + 1
-        cb = self.cfg.graph_ctx_bucket
-        ctx = min(self.cfg.max_context_len, -(-ctx_needed // cb) * cb)
+        ctx = self._ctx_bucket(max(s.length for s in seqs) + 1)
         widths = self._slot_width[[s.slot for s in seqs]].amax(0)
         steer_in, steer_out = bool(widths[:, BLOCK_INPUT].any()), bool(widths[:, BLOCK_OUTPUT].any())
         # Inactive slots in [0, B) run on token 0 at position 0: harmless, their cache rows are
@@ -889,15 +904,22 @@ class Engine:
         return out
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, ctx: int | None = None) -> float:
-        """Capture decode graphs ahead of traffic; returns seconds spent. No-op off CUDA."""
+        """Capture decode graphs ahead of traffic for every context bucket up to `ctx` tokens
+        (default: the first bucket), with and without block-input steering; returns seconds
+        spent. No-op off CUDA. Refused while requests run: the capture's warm-up steps rewrite
+        the cache at each slot's last position (without that row's steering)."""
         if not self.use_graphs:
             return 0.0
+        if self.num_running:
+            raise RuntimeError("Engine.warmup: call it before traffic (requests are running)")
         t0 = time.perf_counter()
-        ctx = ctx or self.cfg.graph_ctx_bucket
+        top = self._ctx_bucket(ctx or self.cfg.graph_ctx_bucket)
+        ctxs = sorted({self._ctx_bucket(n) for n in range(1, top + 1, self.cfg.graph_ctx_bucket)} | {top})
         with torch.inference_mode():
             for b in batch_sizes or [b for b in self.cfg.graph_batch_buckets if b <= self.cfg.max_batch_slots]:
-                for steer_in in (False, True):
-                    self._graph_run((b, min(ctx, self.cfg.max_context_len), steer_in, False))
+                for c in ctxs:
+                    for steer_in in (False, True):
+                        self._graph_run((self._bucket(b), c, steer_in, False))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 

@@ -14,27 +14,14 @@ from typing import Sequence
 
 import torch
 
-from welfare_server.kernels import steer
-from welfare_server.model.steering import POINTS, Scope, SteeringSpec, prompt_steer_mask
+from welfare_server.kernels import MAX_TERMS, steer
+from welfare_server.model.steering import (POINTS, Scope, SteeringSpec, VectorBank,
+                                           prompt_steer_mask, resolve_spec, token_term_tables,
+                                           validate_spec)
 
 
 def _decoder_layers(model):
     return model.model.layers
-
-
-def _row_tables(spec: SteeringSpec | None, num_layers: int, bank_rows: list[torch.Tensor]):
-    """Per (layer, point): list of (bank index, coef, mode) for one row; vectors appended to bank_rows."""
-    out: dict[tuple[int, int], list[tuple[int, float, int]]] = {}
-    if spec is None:
-        return out
-    for term in spec.terms:
-        if not isinstance(term.vector, torch.Tensor):
-            raise ValueError("the hook reference takes tensor vectors only")
-        bank_rows.append(term.vector.detach().float().cpu())
-        idx = len(bank_rows) - 1
-        for layer in dict.fromkeys(l % num_layers for l in term.layers):
-            out.setdefault((layer, POINTS[term.point]), []).append((idx, float(term.coefficient), int(term.mode)))
-    return out
 
 
 @contextmanager
@@ -48,30 +35,30 @@ def hook_steering(model, specs: Sequence[SteeringSpec | None], prompt_masks: Seq
     """
     layers = _decoder_layers(model)
     L = len(layers)
-    bank_rows: list[torch.Tensor] = []
-    rows = [_row_tables(s, L, bank_rows) for s in specs]
     device = next(model.parameters()).device
-    bank = torch.stack(bank_rows).to(device) if bank_rows else torch.zeros(1, 1, device=device)
-    B = len(specs)
-    pmask = torch.stack([m.bool() for m in prompt_masks]).to(device) if B else None
+    # The engine's own layout (steering.resolve_spec) in a scratch bank holding every row's vectors.
+    for s in specs:
+        if s is not None and not all(isinstance(t.vector, torch.Tensor) for t in s.terms):
+            raise ValueError("the hook reference takes tensor vectors only")
+    n_vec = sum(len(s.terms) for s in specs if s is not None)
+    bank = VectorBank(max(1, n_vec), model.config.hidden_size, device)
+    resolved = []
+    for s in specs:
+        validate_spec(s, L, MAX_TERMS, bank)
+        resolved.append(resolve_spec(s, L, MAX_TERMS, bank))
+    row_tv, row_tc, row_tm = (torch.stack([getattr(r, f) for r in resolved]).to(device)  # [B, L, 2, NT]
+                              for f in ("vector", "coef", "mode"))
+    width = torch.stack([r.width for r in resolved]).amax(0)  # [L, 2]
+    pmask = torch.stack([m.bool() for m in prompt_masks]).to(device)
     handles = []
 
     def tables(layer: int, point: int, token_mask: torch.Tensor):
-        """token_mask bool [B, T] -> flat [B*T, NT] tables (None when nothing to do)."""
-        per_row = [r.get((layer, point), []) for r in rows]
-        nt = max((len(t) for t in per_row), default=0)
-        if nt == 0:
+        """token_mask bool [B, T] -> flat [B*T, w] tables (None when nothing to do)."""
+        w = int(width[layer, point])
+        if w == 0:
             return None
-        T = token_mask.shape[1]
-        tv = torch.full((B, nt), -1, dtype=torch.int32)
-        tc = torch.zeros((B, nt), dtype=torch.float32)
-        tm = torch.zeros((B, nt), dtype=torch.int32)
-        for b, terms in enumerate(per_row):
-            for j, (idx, c, m) in enumerate(terms):
-                tv[b, j], tc[b, j], tm[b, j] = idx, c, m
-        tv, tc, tm = (t.to(device)[:, None, :].expand(B, T, nt) for t in (tv, tc, tm))
-        tv = torch.where(token_mask[:, :, None], tv, torch.full_like(tv, -1))
-        return tv.reshape(B * T, nt), tc.reshape(B * T, nt), tm.reshape(B * T, nt)
+        return token_term_tables(row_tv[:, layer, point, :w], row_tc[:, layer, point, :w],
+                                 row_tm[:, layer, point, :w], token_mask)
 
     def apply(layer: int, point: int, hidden: torch.Tensor) -> torch.Tensor:
         Bh, T, D = hidden.shape
@@ -83,7 +70,7 @@ def hook_steering(model, specs: Sequence[SteeringSpec | None], prompt_masks: Seq
         tab = tables(layer, point, mask)
         if tab is None:
             return hidden
-        out, _ = steer(hidden.reshape(Bh * T, D).contiguous(), bank, *tab)
+        out, _ = steer(hidden.reshape(Bh * T, D).contiguous(), bank.tensor, *tab)
         return out.reshape(Bh, T, D)
 
     seen = {(l, p): False for l in range(L) for p in (0, 1)}

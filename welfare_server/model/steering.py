@@ -145,13 +145,12 @@ class ResolvedSteering:
     vector: torch.Tensor  # int32 [L, 2, NT]
     coef: torch.Tensor  # fp32 [L, 2, NT]
     mode: torch.Tensor  # int32 [L, 2, NT]
-    used: torch.Tensor  # bool [L, 2]: any term at (layer, point)
     width: torch.Tensor  # int [L, 2]: number of terms at (layer, point)
     scope: Scope
     owned_ids: list[int]  # bank references to release when the request leaves
 
 
-def validate_spec(spec: SteeringSpec | None, num_layers: int, dim: int, max_terms: int,
+def validate_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
                   bank: VectorBank) -> int:
     """Check a spec without touching the bank; returns how many new bank slots it needs."""
     if spec is None:
@@ -189,8 +188,10 @@ def validate_spec(spec: SteeringSpec | None, num_layers: int, dim: int, max_term
             raise SteeringError(f"{where}.layers: empty")
         for layer in layers:
             if not isinstance(layer, int) or not -num_layers <= layer < num_layers:
-                raise SteeringError(f"{where}.layers: {layer!r} out of range [0, {num_layers})")
-            key = (layer % num_layers, POINTS[term.point])
+                raise SteeringError(f"{where}.layers: {layer!r} out of range [-{num_layers}, {num_layers})")
+        # A layer named twice in one term (3 and -L+3 too) is one term there, as resolve_spec lays it out.
+        for layer in dict.fromkeys(l % num_layers for l in layers):
+            key = (layer, POINTS[term.point])
             counts[key] = counts.get(key, 0) + 1
             if counts[key] > max_terms:
                 raise SteeringError(
@@ -223,8 +224,24 @@ def resolve_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
             coef[layer, p, j] = float(term.coefficient)
             mode[layer, p, j] = int(term.mode)
             width[layer, p] = j + 1
-    return ResolvedSteering(vector=vec, coef=coef, mode=mode, used=width > 0, width=width,
+    return ResolvedSteering(vector=vec, coef=coef, mode=mode, width=width,
                             scope=scope, owned_ids=owned)
+
+
+def token_term_tables(vector: torch.Tensor, coef: torch.Tensor, mode: torch.Tensor,
+                      token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token tables of a padded batch from per-row ones: vector/coef/mode [N, w] (row r's
+    terms at one (layer, point)), token_mask bool [N, T] (the tokens row r steers) -> contiguous
+    [N*T, w] tables, row-major over (row, token), with no term (-1) outside the mask."""
+    N, T = token_mask.shape
+    w = vector.shape[1]
+
+    def per_token(t):
+        return t[:, None, :].expand(N, T, w).reshape(N * T, w)
+
+    none = torch.full((), -1, dtype=vector.dtype, device=vector.device)
+    tv = torch.where(token_mask.reshape(N * T, 1), per_token(vector), none)
+    return tv.contiguous(), per_token(coef).contiguous(), per_token(mode).contiguous()
 
 
 def prompt_steer_mask(scope: Scope, roles: Sequence[str] | None, n: int) -> torch.Tensor:
