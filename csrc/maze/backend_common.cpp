@@ -77,6 +77,9 @@ std::string step_error_message(const Config& cfg, int32_t code, int64_t env, int
 }
 
 std::string render_error_message(int64_t env, int32_t length, int32_t max_len) {
+  if (length == RENDER_BAD_STATE)
+    return "render_tokens: env " + std::to_string(env) +
+           " has a corrupt state (position off the grid or a neighbour's tile is not 0, 1 or 2)";
   return "render_tokens: env " + std::to_string(env) + "'s turn is " + std::to_string(length) +
          " tokens, more than TokenTable.max_len=" + std::to_string(max_len);
 }

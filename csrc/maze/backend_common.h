@@ -20,6 +20,7 @@ void check_clone_range(const StateView& s, int64_t src, int64_t dst_begin, int64
 // The message of a rejected step: names the env, the value and the rule.
 std::string step_error_message(const Config& cfg, int32_t code, int64_t env, int32_t action,
                                int32_t row, int32_t col, int32_t t);
+// length: the too-long turn's length, or RENDER_BAD_STATE.
 std::string render_error_message(int64_t env, int32_t length, int32_t max_len);
 
 }  // namespace ws

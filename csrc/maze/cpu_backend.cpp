@@ -1,7 +1,6 @@
 #include "cpu_backend.h"
 
 #include <atomic>
-#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -99,7 +98,7 @@ void cpu_render_tokens(const Config& config, const StateView& s, const TokenTabl
     for (int64_t i = b; i < e; ++i) {
       const int32_t len = render_one_env_tokens(cfg, s, i, tt, out_ids + i * tt.max_len);
       lengths[i] = len;
-      if (len > tt.max_len) {
+      if (len < 0 || len > tt.max_len) {
         int64_t cur = first_bad.load();
         while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {
         }

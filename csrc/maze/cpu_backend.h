@@ -18,8 +18,8 @@ void cpu_clone(const Config& cfg, const StateView& s, int64_t src, int64_t dst_b
 // neighbours, order: int32 [B, 4].
 void cpu_observe(const Config& cfg, const StateView& s, int32_t* neighbours, int32_t* order,
                  int num_threads);
-// out_ids: int32 [B, tt.max_len]; lengths: int32 [B]. Throws if a turn exceeds max_len (that env's
-// row is left unwritten; nothing is written out of bounds).
+// out_ids: int32 [B, tt.max_len]; lengths: int32 [B]. Throws if a turn exceeds max_len or an env's
+// state is corrupt (that env's row is left unwritten; nothing is read or written out of bounds).
 void cpu_render_tokens(const Config& cfg, const StateView& s, const TokenTable& tt,
                        int32_t* out_ids, int32_t* lengths, int num_threads);
 // dist: int32 [B]; optimal: uint8 [B, 4].

@@ -4,7 +4,8 @@
 // the device logic too. Pure C++17: nothing here knows of Python, torch or the CUDA runtime.
 //
 // Floating point: rewards are only float32 additions in a fixed order (no multiply, so no FMA
-// contraction can differ between host and device) and no branch depends on a float.
+// contraction can differ between host and device; CMakeLists.txt also builds the CUDA backend with
+// --fmad=false so a future product cannot silently break parity) and no branch depends on a float.
 #pragma once
 
 #include <cstddef>
@@ -157,8 +158,8 @@ struct StepOut {
   uint8_t* done = nullptr;          // [B]
 };
 
-// Token fragment table (see csrc/bindings.cpp and the brief in DESIGN): fragment f is
-// ids[offsets[f] : offsets[f+1]].
+// Token fragment table (layout: welfare_server/maze/text.py; built by welfare_server/maze/tokens.py):
+// fragment f is ids[offsets[f] : offsets[f+1]].
 struct TokenTable {
   const int32_t* ids = nullptr;
   const int32_t* offsets = nullptr;
@@ -551,7 +552,8 @@ WS_HD void step_and_autoreset(const Config& cfg, const StateView& s, int64_t i, 
 }
 
 // ---- clone (spec "Clone") -----------------------------------------------------------------------
-// Everything but the grid (the CUDA backend copies grids with a whole block, the CPU with memcpy).
+// Everything but the grid (the CUDA backend copies grids with a whole block, the CPU in
+// clone_one_env below).
 WS_HD void clone_scalars(const StateView& s, int64_t src, int64_t dst, bool independent) {
   s.row[dst] = s.row[src];
   s.col[dst] = s.col[src];
@@ -616,11 +618,18 @@ WS_HD void observe_one_env(const Config& cfg, const StateView& s, int64_t i, int
 }
 
 // ---- token rendering ----------------------------------------------------------------------------
-// The fragment sequence of env i's user turn; returns the count (<= MAX_TURN_FRAGMENTS).
+// Returned by turn_fragments / render_one_env_tokens when env i's position is off the grid or a
+// listed neighbour holds no tile code: the fragment indices would fall outside the table, so a
+// corrupt state buffer is reported (both backends raise) instead of read out of bounds.
+constexpr int32_t RENDER_BAD_STATE = -1;
+
+// The fragment sequence of env i's user turn; returns the count (<= MAX_TURN_FRAGMENTS), or
+// RENDER_BAD_STATE (nothing meaningful in frags).
 WS_HD int32_t turn_fragments(const Config& cfg, const StateView& s, int64_t i, int32_t* frags) {
   const int32_t S = cfg.size;
   const uint8_t* grid = s.grid + i * static_cast<int64_t>(S) * S;
   const int32_t row = s.row[i], col = s.col[i], wind = s.wind_from[i];
+  if (!inside(S, row, col)) return RENDER_BAD_STATE;
   int32_t k = 0;
   frags[k++] = FRAG_TURN_PREFIX;
   if (wind >= 0 && wind < 4) {
@@ -637,6 +646,7 @@ WS_HD int32_t turn_fragments(const Config& cfg, const StateView& s, int64_t i, i
   for (int32_t j = 0; j < count; ++j) {
     const int32_t d = order[j];
     const int32_t tile = grid[(row + dir_drow(d)) * S + (col + dir_dcol(d))];
+    if (tile > GOLD) return RENDER_BAD_STATE;
     frags[k++] = FRAG_CLAUSE + ((d * 3 + tile) * 2 + (j == 0)) * 2 + (j == count - 1);
   }
   frags[k++] = FRAG_TAIL;
@@ -651,11 +661,13 @@ WS_HD int32_t fragments_length(const TokenTable& tt, const int32_t* frags, int32
 }
 
 // Writes env i's turn into out[max_len] padded with pad_id; returns its length. If it does not fit
-// nothing is written and the (too large) length is returned: callers check it.
+// nothing is written and the (too large) length is returned; for a corrupt state nothing is
+// written and RENDER_BAD_STATE is returned: callers check both.
 WS_HD int32_t render_one_env_tokens(const Config& cfg, const StateView& s, int64_t i,
                                     const TokenTable& tt, int32_t* out) {
   int32_t frags[MAX_TURN_FRAGMENTS];
   const int32_t nf = turn_fragments(cfg, s, i, frags);
+  if (nf < 0) return RENDER_BAD_STATE;
   const int32_t len = fragments_length(tt, frags, nf);
   if (len > tt.max_len) return len;
   int32_t k = 0;
@@ -675,14 +687,22 @@ WS_HD size_t oracle_scratch_bytes_per_env(int32_t size) {
 }
 
 // BFS from the agent through non-Mold cells to the nearest Gold. Writes dist (moves, -1 if none)
-// and optimal[4] (1 per valid first move of some shortest path; fallbacks in the brief).
-// `dist_scratch` must hold -1 in every cell on entry and is restored to -1 on return, so a scratch
-// region is initialised once and reused (the CPU keeps it per thread; CUDA clears it once).
+// and optimal[4] (1 per valid first move of some shortest path; with no Gold reachable, the valid
+// moves onto non-Mold cells, else every valid move: welfare_server/maze/reference.py, oracle()).
+// `dist` must hold -1 in every cell on entry and is restored to -1 on return, so a scratch region
+// is initialised once and reused (the CPU keeps it per thread; CUDA clears it once per call).
+// A position off the grid (a corrupt state buffer) gives dist -1 and no optimal move (a real
+// position always has at least two valid moves) and touches no scratch.
 WS_HD void oracle_one_env(const Config& cfg, const StateView& s, int64_t i, int32_t* dist_out,
                           uint8_t* optimal, int32_t* dist, int32_t* queue, uint8_t* mask) {
   const int32_t S = cfg.size;
   const uint8_t* grid = s.grid + i * static_cast<int64_t>(S) * S;
   const int32_t row = s.row[i], col = s.col[i];
+  if (!inside(S, row, col)) {
+    *dist_out = -1;
+    for (int d = 0; d < 4; ++d) optimal[d] = 0;
+    return;
+  }
   const int32_t start = row * S + col;
   int32_t head = 0, tail = 0;
   dist[start] = 0;

@@ -26,8 +26,23 @@ void check(cudaError_t err, const char* what) {
 
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-unsigned blocks_for(int64_t n, int per_block) {
-  return static_cast<unsigned>((n + per_block - 1) / per_block);
+// Blocks of a 1-D grid; gridDim.x is at most 2^31 - 1, and a larger count must raise rather than
+// wrap in the unsigned cast (a wrapped grid launches fine and silently skips envs).
+unsigned grid_blocks(int64_t blocks) {
+  if (blocks > 2147483647)
+    throw std::invalid_argument("CUDA launch of " + std::to_string(blocks) +
+                                " blocks exceeds the 2^31 - 1 grid limit");
+  return static_cast<unsigned>(blocks);
+}
+unsigned blocks_for(int64_t n, int per_block) { return grid_blocks((n + per_block - 1) / per_block); }
+
+template <typename T>
+T fetch(const T* device_ptr, cudaStream_t stream) {
+  T h{};
+  check(cudaMemcpyAsync(&h, device_ptr, sizeof(T), cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  return h;
 }
 
 // The BFS order of each size, uploaded once per device and kept for the life of the process.
@@ -45,6 +60,10 @@ const int32_t* device_bfs_order(int32_t size) {
   check(cudaMalloc(&d, order.size() * sizeof(int32_t)), "cudaMalloc(bfs_order)");
   check(cudaMemcpy(d, order.data(), order.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
         "cudaMemcpy(bfs_order)");
+  // From pageable memory cudaMemcpy may return before the DMA lands, and kernels on a
+  // non-blocking stream (PyTorch's) do not wait for the default stream that carried it: wait here
+  // (once per device and size) so every later launch on any stream reads the whole table.
+  check(cudaStreamSynchronize(0), "cudaStreamSynchronize(bfs_order)");
   cache.emplace(key, d);
   return d;
 }
@@ -60,21 +79,10 @@ struct FirstBad {
   ~FirstBad() { cudaFreeAsync(d, stream); }
   // Copies the flag back (waits for the stream); returns -1 when no env was bad.
   int64_t read() {
-    unsigned long long h = 0;
-    check(cudaMemcpyAsync(&h, d, sizeof(h), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    const unsigned long long h = fetch(d, stream);
     return h == ~0ull ? -1 : static_cast<int64_t>(h);
   }
 };
-
-template <typename T>
-T fetch(const T* device_ptr, cudaStream_t stream) {
-  T h{};
-  check(cudaMemcpyAsync(&h, device_ptr, sizeof(T), cudaMemcpyDeviceToHost, stream),
-        "cudaMemcpyAsync");
-  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-  return h;
-}
 
 __global__ void reset_kernel(Config cfg, StateView s, const uint8_t* mask, const int32_t* order) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -123,9 +131,9 @@ __global__ void render_kernel(Config cfg, StateView s, TokenTable tt, int32_t* o
   if (i >= s.num_envs) return;
   int32_t frags[MAX_TURN_FRAGMENTS];
   const int32_t nf = turn_fragments(cfg, s, i, frags);
-  const int32_t len = fragments_length(tt, frags, nf);
+  const int32_t len = nf < 0 ? RENDER_BAD_STATE : fragments_length(tt, frags, nf);
   if (lane == 0) lengths[i] = len;
-  if (len > tt.max_len) {
+  if (len < 0 || len > tt.max_len) {
     if (lane == 0) atomicMin(first_bad, static_cast<unsigned long long>(i));
     return;
   }
@@ -205,7 +213,7 @@ void cuda_clone(const Config& config, const StateView& s, int64_t src, int64_t d
   check_state(s);
   check_clone_range(s, src, dst_begin, dst_end);
   if (dst_end == dst_begin) return;
-  clone_kernel<<<static_cast<unsigned>(dst_end - dst_begin), THREADS, 0, as_stream(stream)>>>(
+  clone_kernel<<<grid_blocks(dst_end - dst_begin), THREADS, 0, as_stream(stream)>>>(
       cfg, s, src, dst_begin, independent);
   check(cudaGetLastError(), "clone_kernel");
 }

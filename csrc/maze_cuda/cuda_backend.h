@@ -23,8 +23,8 @@ void cuda_clone(const Config& cfg, const StateView& s, int64_t src, int64_t dst_
                 int64_t dst_end, bool independent, uintptr_t stream);
 void cuda_observe(const Config& cfg, const StateView& s, int32_t* neighbours, int32_t* order,
                   uintptr_t stream);
-// Syncs the stream once to learn whether some turn exceeded max_len (then throws; such rows are
-// left unwritten). The table's ids/offsets are device pointers and are not checked for sanity.
+// Syncs the stream once to learn whether some turn exceeded max_len or some env's state is corrupt
+// (then throws; such rows are left unwritten). The table's ids/offsets are device pointers and are not checked for sanity.
 void cuda_render_tokens(const Config& cfg, const StateView& s, const TokenTable& tt,
                         int32_t* out_ids, int32_t* lengths, uintptr_t stream);
 // Device scratch the oracle needs for `envs` envs processed at once (a BFS per env needs

@@ -1,6 +1,7 @@
 // Batch-level tests of the CPU backend (csrc/maze/cpu_backend.cpp): reset provenance, validation
 // that leaves state untouched, same-step autoreset, clone keys, thread-count independence,
 // rendering bounds and the oracle over a batch.
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -329,6 +330,49 @@ TEST(render_batch_bounds) {
   TokenTable wrong{ids.data(), offsets.data(), nf - 1, longest, -1};
   CHECK_THROWS(cpu_render_tokens(c, b.view(), wrong, out.data(), lengths.data(), 2),
                std::invalid_argument, "num_fragments");
+}
+
+// A corrupt state buffer (the Python side exposes the state tensors) must be reported, not index
+// the token table or the oracle's scratch out of bounds (ASan in scripts/sanitize.sh sees both).
+TEST(render_and_oracle_refuse_corrupt_state) {
+  const int S = 12;
+  Batch b(8, S);
+  const Config c = cfg(S, 9);
+  cpu_reset(c, b.view(), nullptr, 2);
+  const int nf = expected_num_fragments(S);
+  std::vector<int32_t> offsets(size_t(nf) + 1, 0), ids;
+  for (int f = 0; f < nf; ++f) {
+    ids.push_back(f);
+    offsets[size_t(f) + 1] = int32_t(ids.size());
+  }
+  const int32_t max_len = 16;
+  TokenTable tt{ids.data(), offsets.data(), nf, max_len, -1};
+  std::vector<int32_t> out(size_t(8) * max_len, 4242), lengths(8, 77), dist(8, 77);
+  std::vector<uint8_t> opt(8 * 4, 77);
+  cpu_render_tokens(c, b.view(), tt, out.data(), lengths.data(), 2);  // a sane batch renders
+  // env 5: column far off the grid (FRAG_XNUM + col would read past offsets; the oracle's BFS
+  // would write dist/mask at row * S + col)
+  b.col[5] = 5000;
+  std::fill(out.begin(), out.end(), 4242);
+  CHECK_THROWS(cpu_render_tokens(c, b.view(), tt, out.data(), lengths.data(), 2),
+               std::invalid_argument, "env 5 has a corrupt state");
+  for (int k = 0; k < max_len; ++k) CHECK_EQ(out[size_t(5 * max_len + k)], 4242);
+  cpu_oracle(c, b.view(), dist.data(), opt.data(), 1);
+  CHECK_EQ(dist[5], -1);
+  for (int d = 0; d < 4; ++d) CHECK_EQ(int(opt[size_t(5 * 4 + d)]), 0);
+  // the per-thread scratch stayed clean: the same call on a sane batch still gives real answers
+  b.col[5] = b.col[4];
+  b.row[5] = b.row[4];
+  std::memcpy(b.env_grid(5), b.env_grid(4), size_t(S) * S);
+  cpu_oracle(c, b.view(), dist.data(), opt.data(), 1);
+  CHECK_EQ(dist[5], dist[4]);
+  for (int d = 0; d < 4; ++d) CHECK_EQ(opt[size_t(5 * 4 + d)], opt[size_t(4 * 4 + d)]);
+  // env 2: a neighbour's tile byte is not a tile code (the clause index would leave the table)
+  const int32_t r = b.row[2], col = b.col[2];
+  b.env_grid(2)[(r + 1 < S ? r + 1 : r - 1) * S + col] = 0xEE;
+  CHECK_THROWS(cpu_render_tokens(c, b.view(), tt, out.data(), lengths.data(), 2),
+               std::invalid_argument, "env 2 has a corrupt state");
+  CHECK_EQ(lengths[2], RENDER_BAD_STATE);
 }
 
 TEST(cuda_stub_or_backend_links) {
