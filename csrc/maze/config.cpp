@@ -38,46 +38,43 @@ int64_t trunc_product(double fraction, int64_t count) {
 
 }  // namespace
 
-void validate(const Config& c) {
-  check_int("size", c.size, MIN_SIZE, MAX_SIZE);
-  check_int("episode_steps", c.episode_steps, 1, MAX_EPISODE_STEPS);
-  check_float("wind_prob", c.wind_prob, 0.0, 1.0);
-  check_float("step_reward", c.step_reward, -MAX_ABS_REWARD, MAX_ABS_REWARD);
-  check_float("mold_reward", c.mold_reward, -MAX_ABS_REWARD, MAX_ABS_REWARD);
-  check_float("gold_reward", c.gold_reward, -MAX_ABS_REWARD, MAX_ABS_REWARD);
-  check_int("walk_min_mult", c.walk_min_mult, 0, MAX_WALK_MULT);
-  check_int("walk_max_mult", c.walk_max_mult, c.walk_min_mult, MAX_WALK_MULT);
-  check_float("mold_fraction_min", c.mold_fraction_min, 0.0, 1.0);
-  check_float("mold_fraction_max", c.mold_fraction_max, c.mold_fraction_min, 1.0);
-  check_float("gold_ratio", c.gold_ratio, 0.0, 1.0);
-  const int64_t interior = static_cast<int64_t>(c.size - 2) * (c.size - 2);
-  const int64_t lo = trunc_product(c.mold_fraction_min, interior) + 1;
-  const int64_t hi = trunc_product(c.mold_fraction_max, interior) - 1;
-  if (lo > hi)
-    throw std::invalid_argument("Config.mold_fraction_min/max: the Mold count range [" + str(lo) +
-                                ", " + str(hi) + "] of a " + str(c.size) + "x" + str(c.size) +
-                                " grid is empty; widen the fractions or enlarge size");
-  int64_t gold_at_hi = trunc_product(c.gold_ratio, hi);
-  if (gold_at_hi < 1) gold_at_hi = 1;
-  if (interior - hi - gold_at_hi < 1)
-    throw std::invalid_argument("Config.gold_ratio=" + str(c.gold_ratio) + ": with up to " +
-                                str(hi) +
-                                " interior Mold cells the Gold tiles could cover every Path cell, "
-                                "leaving no start cell; lower gold_ratio or mold_fraction_max");
-}
-
+// One pass both validates and derives (validate() is prepare() without its result), so the
+// bounds that are checked are the ones that are used.
 Config prepare(const Config& cfg) {
-  validate(cfg);
+  check_int("size", cfg.size, MIN_SIZE, MAX_SIZE);
+  check_int("episode_steps", cfg.episode_steps, 1, MAX_EPISODE_STEPS);
+  check_float("wind_prob", cfg.wind_prob, 0.0, 1.0);
+  check_float("step_reward", cfg.step_reward, -MAX_ABS_REWARD, MAX_ABS_REWARD);
+  check_float("mold_reward", cfg.mold_reward, -MAX_ABS_REWARD, MAX_ABS_REWARD);
+  check_float("gold_reward", cfg.gold_reward, -MAX_ABS_REWARD, MAX_ABS_REWARD);
+  check_int("walk_min_mult", cfg.walk_min_mult, 0, MAX_WALK_MULT);
+  check_int("walk_max_mult", cfg.walk_max_mult, cfg.walk_min_mult, MAX_WALK_MULT);
+  check_float("mold_fraction_min", cfg.mold_fraction_min, 0.0, 1.0);
+  check_float("mold_fraction_max", cfg.mold_fraction_max, cfg.mold_fraction_min, 1.0);
+  check_float("gold_ratio", cfg.gold_ratio, 0.0, 1.0);
   Config c = cfg;
   c.n = c.size - 2;
   c.interior = static_cast<int64_t>(c.n) * c.n;
   c.mold_lo = trunc_product(c.mold_fraction_min, c.interior) + 1;
   c.mold_hi = trunc_product(c.mold_fraction_max, c.interior) - 1;
+  if (c.mold_lo > c.mold_hi)
+    throw std::invalid_argument("Config.mold_fraction_min/max: the Mold count range [" +
+                                str(c.mold_lo) + ", " + str(c.mold_hi) + "] of a " + str(c.size) +
+                                "x" + str(c.size) + " grid is empty; widen the fractions or enlarge size");
+  int64_t gold_at_hi = trunc_product(c.gold_ratio, c.mold_hi);
+  if (gold_at_hi < 1) gold_at_hi = 1;
+  if (c.interior - c.mold_hi - gold_at_hi < 1)
+    throw std::invalid_argument("Config.gold_ratio=" + str(c.gold_ratio) + ": with up to " +
+                                str(c.mold_hi) +
+                                " interior Mold cells the Gold tiles could cover every Path cell, "
+                                "leaving no start cell; lower gold_ratio or mold_fraction_max");
   // p * 2^32 is exact in double (a power-of-two scale), so floor() is the spec's floor.
   const double scaled = std::floor(c.wind_prob * 4294967296.0);
   c.wind_threshold = scaled >= 4294967296.0 ? (uint64_t{1} << 32) : static_cast<uint64_t>(scaled);
   return c;
 }
+
+void validate(const Config& cfg) { (void)prepare(cfg); }
 
 std::vector<int32_t> compute_bfs_order(int32_t size) {
   const int32_t cells = size * size;
