@@ -111,8 +111,13 @@ Pool& pool() {
 
 int resolve_threads(int num_threads) {
   if (num_threads > 0) return num_threads;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int>(hw);
+  // Asked once: glibc's hardware_concurrency() re-reads /sys on every call, 5.5 us, which was
+  // 95% of a B=1 observe() (5.7 us -> 0.2 us, AMD EPYC dev box).
+  static const int hw = [] {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<int>(n);
+  }();
+  return hw;
 }
 
 void parallel_for(int64_t n, int threads, int64_t min_per_thread,
