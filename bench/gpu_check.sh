@@ -6,6 +6,8 @@
 # TOKENIZER_DIR: a HF tokenizer directory carried to the machine (the bundled model's tokenizer files,
 # 3.5 MB), prepared here with
 #   mkdir -p transfer/tokenizer && cp ~/.cache/welfare_server/models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja,config.json} transfer/tokenizer/
+# The image has no pytest: carry pure-Python wheels too, prepared here with
+#   pip download --no-deps -d transfer/wheels pytest pluggy iniconfig
 # and run there as: TOKENIZER_DIR=transfer/tokenizer bash bench/gpu_check.sh  (device tool, carry ["transfer"]).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -13,6 +15,9 @@ mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 WELFARE_CUDA=ON pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
 python -c "from welfare_server import _maze_core as c; assert c.cuda_compiled(); print('cuda backend compiled')"
+if ! python -c "import pytest" 2>/dev/null && [ -d transfer/wheels ]; then
+  pip install --no-index --no-deps transfer/wheels/*.whl > "$OUT/wheels.log" 2>&1
+fi
 TOK_ARGS=()
 export WELFARE_TOKENIZER_DIR=${TOKENIZER_DIR:-}
 [ -n "${TOKENIZER_DIR:-}" ] && TOK_ARGS=(--tokenizer "$TOKENIZER_DIR")
