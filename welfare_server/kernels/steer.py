@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from welfare_server.kernels._ref_terms import apply_terms, term_active
+from welfare_server.kernels._ref_terms import apply_terms
 from welfare_server.kernels._checks import check_out, is_inplace
 
 try:  # triton is optional on CPU-only installs; the reference needs only torch
@@ -43,8 +43,7 @@ def _store_rows(steered_f: torch.Tensor, hidden: torch.Tensor, row_active: torch
 def steer_reference(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=None,
                     monitor_post=True):
     x0 = hidden.float()
-    x = apply_terms(x0, bank, term_vector, term_coef, term_mode)
-    row_active = term_active(term_vector, term_mode, bank.shape[0]).any(1)
+    x, row_active = apply_terms(x0, bank, term_vector, term_coef, term_mode)
     proj = None
     if monitor is not None:
         # Post-steering projections read the fp32 accumulator (before rounding to hidden's dtype).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from welfare_server.kernels._checks import check_out, is_inplace
-from welfare_server.kernels._ref_terms import apply_terms, term_active
+from welfare_server.kernels._ref_terms import apply_terms
 from welfare_server.kernels.steer import HAS_TRITON, _prep, _store_rows, launch_config
 
 if HAS_TRITON:
@@ -40,8 +40,7 @@ def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
                             out=None, normed_out=None, monitor=None, monitor_post=True):
     x0 = hidden.float()
-    x = apply_terms(x0, bank, term_vector, term_coef, term_mode)
-    row_active = term_active(term_vector, term_mode, bank.shape[0]).any(1)
+    x, row_active = apply_terms(x0, bank, term_vector, term_coef, term_mode)
     proj = None
     if monitor is not None:
         proj = (x if monitor_post else x0) @ monitor.float().t()
