@@ -22,14 +22,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from _common import append_rows, git_commit, machine_name  # bench/ is sys.path[0]
+from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,7 +75,7 @@ def main() -> None:
     n_new, T = args.new_tokens, args.prompt_len
     rows = []
     machine, commit = machine_name(dev), git_commit()
-    date = datetime.datetime.now().isoformat(timespec="seconds")
+    date = utc_now()
 
     def spec_for(i, k, layers):
         if k == 0:
