@@ -25,4 +25,4 @@ timeout 240 python -m pytest -q tests/kernels tests/maze/test_cuda_backend.py "t
 timeout 120 python bench/bench_steer.py --device cuda --out "$OUT/steer.csv" > "$OUT/bench_steer.log" 2>&1; echo "bench_steer rc=$?"
 timeout 120 python bench/bench_maze.py --device cuda "${TOK_ARGS[@]}" --out "$OUT/maze.csv" > "$OUT/bench_maze.log" 2>&1; echo "bench_maze rc=$?"
 timeout 180 python bench/bench_generate.py --device cuda --dtype bfloat16 --out "$OUT/generate.csv" > "$OUT/bench_generate.log" 2>&1; echo "bench_generate rc=$?"
-tail -30 "$OUT"/bench_*.log
+tail -n 30 "$OUT"/bench_*.log
