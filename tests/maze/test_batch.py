@@ -63,6 +63,8 @@ def test_step_rejects_bad_actions_and_changes_nothing():
         batch.step(torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="actions must hold integers"):
         batch.step(torch.zeros(4))
+    with pytest.raises(ValueError, match="actions is on meta, the batch is on cpu"):
+        batch.step(torch.zeros(4, dtype=torch.int32, device="meta"))
     with pytest.raises(ValueError, match=r"actions\[2\]=7"):
         batch.step(torch.tensor([0, 1, 7, 2]))
     with pytest.raises(ValueError, match=r"actions\[0\]=-1"):
@@ -234,3 +236,37 @@ def test_sixty_five_thousand_envs_step_and_render(smollm2_tokenizer):
     expected = smollm2_tokenizer(smollm2_tokenizer.decode(table.fragment_ids[8]) + batch.render_text([i])[0]
                                  + smollm2_tokenizer.decode(table.fragment_ids[9]), add_special_tokens=False)
     assert ids[i, : lengths[i]].tolist() == expected["input_ids"]
+
+
+def test_batch_calls_release_the_gil():
+    # While a long reset runs in C++ on another thread, this thread keeps running Python. With the
+    # GIL held it could not take a single timestamp inside the call (a C call is never preempted).
+    import sys
+    import threading
+    import time
+
+    batch = MazeBatch(MazeConfig(size=100), 40000, seed=1, num_threads=1)
+    finished, spans, stamps = threading.Event(), [], []
+
+    def work():
+        for _ in range(3):
+            started = time.perf_counter()
+            batch.reset()
+            spans.append((started, time.perf_counter()))
+        finished.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    count = 0
+    while not finished.is_set():
+        count += 1
+        if count % 100 == 0:
+            stamps.append(time.perf_counter())
+    worker.join()
+    # The worker may lose the GIL for a switch interval between taking a timestamp and entering
+    # the call (and after leaving it): only stamps well inside a span count. (Checked: a call
+    # that holds the GIL, such as sum(range(10**7)), leaves 0 stamps inside; sleep leaves 44k.)
+    margin = 2.5 * sys.getswitchinterval()
+    inside = sum(1 for t in stamps for a, b in spans if a + margin < t < b - margin)
+    assert all(b - a > 4 * margin for a, b in spans)
+    assert inside > 10

@@ -162,6 +162,9 @@ class MazeBatch:
 
     def _env_tensor(self, value, name: str, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
         """Check a per-env argument's shape and convert it to a contiguous tensor on our device."""
+        if isinstance(value, torch.Tensor) and value.device != self.device:
+            # No silent host<->device copy on the hot path: the caller keeps buffers where the batch is.
+            raise ValueError(f"{name} is on {value.device}, the batch is on {self.device}")
         tensor = torch.as_tensor(value, device=self.device)
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
             raise ValueError(f"{name} must hold integers, got dtype {tensor.dtype}")
