@@ -135,3 +135,37 @@ def test_autoreset_matches_reference():
         assert got.reward.tolist() == [float(r) for r in want["reward"]]
         assert_same_state(batch, ref, f"autoreset step {t}")
     assert batch.episode.tolist() == [2] * 16
+
+
+def random_config(rng: np.random.Generator) -> MazeConfig:
+    """A random legal config: every numeric rule field varied within its bounds."""
+    while True:
+        lo = float(rng.uniform(0.0, 0.6))
+        try:
+            return MazeConfig(
+                size=int(rng.integers(4, 41)), episode_steps=int(rng.integers(1, 25)),
+                wind_prob=float(rng.choice([0.0, 1.0, rng.uniform()])), melting=bool(rng.integers(2)),
+                step_reward=float(rng.uniform(-2, 1)), mold_reward=float(rng.uniform(-30, 5)),
+                gold_reward=float(rng.uniform(-5, 40)), walk_min_mult=int(rng.integers(0, 6)),
+                walk_max_mult=int(rng.integers(6, 20)), mold_fraction_min=lo,
+                mold_fraction_max=float(rng.uniform(lo, 1.0)), gold_ratio=float(rng.uniform(0, 0.6)),
+                glyphs=str(rng.choice(["office", "dessert", "letters"])),
+                shuffle_directions=bool(rng.integers(2)), autoreset=bool(rng.integers(2)))
+        except ValueError:
+            continue  # e.g. an empty Mold range on a small grid: draw again
+
+
+def test_core_matches_reference_on_random_configs():
+    rng = np.random.default_rng(2026)
+    for case in range(40):
+        config = random_config(rng)
+        seed = int(rng.integers(0, 2**63))
+        batch, ref = MazeBatch(config, 6, seed=seed), ReferenceMaze(config, 6, seed)
+        assert_same_state(batch, ref, f"random case {case} ({config}) initial")
+        for t in range(config.episode_steps + 2 if config.autoreset else config.episode_steps):
+            actions = random_valid_actions(rng, batch)
+            got, want = batch.step(torch.from_numpy(actions)), ref.step(actions.tolist())
+            assert got.reward.numpy().view(np.int32).tolist() == \
+                np.asarray(want["reward"], dtype=np.float32).view(np.int32).tolist(), f"case {case} step {t}"
+            assert_same_state(batch, ref, f"random case {case} step {t}")
+        assert batch.oracle()[0].tolist() == ref.oracle()[0]
