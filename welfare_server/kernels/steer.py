@@ -159,22 +159,15 @@ def _row_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
-def _prep(hidden, bank, term_vector, term_coef, term_mode, monitor):
-    bank = _row_ready(bank)
-    tv = term_vector.contiguous()
-    tc = term_coef.contiguous()
-    tm = term_mode.contiguous()
-    mon = _row_ready(monitor) if monitor is not None else None
-    return bank, tv, tc, tm, mon
-
-
-def steer_triton(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=None,
-                 monitor_post=True):
+def _launch_buffers(op, hidden, bank, term_vector, term_coef, term_mode, out, monitor):
+    """What both Triton wrappers prepare before a launch: hidden with unit stride along D, the out
+    buffer (checked, or allocated), contiguous tables, the projections buffer, and placeholders the
+    kernel never reads when there are no monitors. Returns a dict of them."""
     T, D = hidden.shape
     inplace = is_inplace(out, hidden)
     if hidden.stride(1) != 1 and D > 1:
         if inplace:
-            raise ValueError("in-place steer needs hidden with unit stride along D")
+            raise ValueError(f"in-place {op} needs hidden with unit stride along D")
         hidden = hidden.contiguous()
     if out is None:
         out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
@@ -182,16 +175,25 @@ def steer_triton(hidden, bank, term_vector, term_coef, term_mode, *, out=None, m
         check_out(out, hidden)
         if out.stride(1) != 1 and D > 1:
             raise ValueError("out needs unit stride along D")
-    bank, tv, tc, tm, mon = _prep(hidden, bank, term_vector, term_coef, term_mode, monitor)
-    M = 0 if mon is None else mon.shape[0]
-    proj = torch.empty((T, M), dtype=torch.float32, device=hidden.device) if mon is not None else None
+    tc = term_coef.contiguous()
+    mon = _row_ready(monitor) if monitor is not None else None
+    proj = torch.empty((T, mon.shape[0]), dtype=torch.float32, device=hidden.device) if mon is not None else None
+    return dict(hidden=hidden, out=out, inplace=inplace, bank=_row_ready(bank), tv=term_vector.contiguous(),
+                tc=tc, tm=term_mode.contiguous(), proj=proj, M=0 if mon is None else mon.shape[0],
+                mon_arg=mon if mon is not None else hidden, mon_stride=mon.stride(0) if mon is not None else 0,
+                proj_arg=proj if proj is not None else tc)
+
+
+def steer_triton(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=None,
+                 monitor_post=True):
+    T, D = hidden.shape
+    b = _launch_buffers("steer", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
     if T == 0:
-        return out, proj
+        return b["out"], b["proj"]
     ROWS, BLOCK_D, num_warps = launch_config(D, T)
     _steer_kernel[(triton.cdiv(T, ROWS),)](
-        hidden, hidden.stride(0), out, out.stride(0), bank, bank.stride(0), bank.shape[0],
-        tv, tc, tm, mon if mon is not None else hidden, mon.stride(0) if mon is not None else 0,
-        proj if proj is not None else tc, T, D,
-        NT=tv.shape[1], M=M, MONITOR_POST=bool(monitor_post), INPLACE=inplace,
+        b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), b["bank"], b["bank"].stride(0),
+        b["bank"].shape[0], b["tv"], b["tc"], b["tm"], b["mon_arg"], b["mon_stride"], b["proj_arg"], T, D,
+        NT=b["tv"].shape[1], M=b["M"], MONITOR_POST=bool(monitor_post), INPLACE=b["inplace"],
         ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    return out, proj
+    return b["out"], b["proj"]

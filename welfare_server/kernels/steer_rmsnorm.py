@@ -16,7 +16,7 @@ import torch
 
 from welfare_server.kernels._checks import check_out, is_inplace
 from welfare_server.kernels._ref_terms import apply_terms
-from welfare_server.kernels.steer import HAS_TRITON, _prep, _store_rows, launch_config
+from welfare_server.kernels.steer import HAS_TRITON, _launch_buffers, _store_rows, launch_config
 
 if HAS_TRITON:
     import triton
@@ -80,35 +80,21 @@ if HAS_TRITON:
 def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
                          out=None, normed_out=None, monitor=None, monitor_post=True):
     T, D = hidden.shape
-    inplace = is_inplace(out, hidden)
-    if hidden.stride(1) != 1 and D > 1:
-        if inplace:
-            raise ValueError("in-place steer_rmsnorm needs hidden with unit stride along D")
-        hidden = hidden.contiguous()
-    if out is None:
-        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    elif not inplace:
-        check_out(out, hidden)
+    b = _launch_buffers("steer_rmsnorm", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
     ndt = normed_dtype(hidden, norm_weight)
     if normed_out is None:
         normed_out = torch.empty((T, D), dtype=ndt, device=hidden.device)
     else:
         check_out(normed_out, hidden, "normed_out", ndt)
-    for name, t in (("out", out), ("normed_out", normed_out)):
-        if t.stride(1) != 1 and D > 1:
-            raise ValueError(f"{name} needs unit stride along D")
-    w = norm_weight.contiguous()
-    bank, tv, tc, tm, mon = _prep(hidden, bank, term_vector, term_coef, term_mode, monitor)
-    M = 0 if mon is None else mon.shape[0]
-    proj = torch.empty((T, M), dtype=torch.float32, device=hidden.device) if mon is not None else None
+        if normed_out.stride(1) != 1 and D > 1:
+            raise ValueError("normed_out needs unit stride along D")
     if T == 0:
-        return out, normed_out, proj
+        return b["out"], normed_out, b["proj"]
     ROWS, BLOCK_D, num_warps = launch_config(D, T)
     _steer_rmsnorm_kernel[(triton.cdiv(T, ROWS),)](
-        hidden, hidden.stride(0), out, out.stride(0), normed_out, normed_out.stride(0), w, float(eps),
-        bank, bank.stride(0), bank.shape[0], tv, tc, tm,
-        mon if mon is not None else hidden, mon.stride(0) if mon is not None else 0,
-        proj if proj is not None else tc, T, D,
-        NT=tv.shape[1], M=M, MONITOR_POST=bool(monitor_post), INPLACE=inplace,
+        b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), normed_out, normed_out.stride(0),
+        norm_weight.contiguous(), float(eps), b["bank"], b["bank"].stride(0), b["bank"].shape[0],
+        b["tv"], b["tc"], b["tm"], b["mon_arg"], b["mon_stride"], b["proj_arg"], T, D,
+        NT=b["tv"].shape[1], M=b["M"], MONITOR_POST=bool(monitor_post), INPLACE=b["inplace"],
         ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    return out, normed_out, proj
+    return b["out"], normed_out, b["proj"]
