@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from welfare_server.kernels._checks import check_out, is_inplace
-from welfare_server.kernels._ref_terms import apply_terms
-from welfare_server.kernels.steer import HAS_TRITON, _launch_buffers, _store_rows, launch_config
+from welfare_server.kernels._checks import check_out
+from welfare_server.kernels.steer import HAS_TRITON, _launch_buffers, launch_config, steer_reference
 
 if HAS_TRITON:
     import triton
@@ -39,14 +38,9 @@ def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
                             out=None, normed_out=None, monitor=None, monitor_post=True):
-    x0 = hidden.float()
-    x, row_active = apply_terms(x0, bank, term_vector, term_coef, term_mode)
-    proj = None
-    if monitor is not None:
-        proj = (x if monitor_post else x0) @ monitor.float().t()
-    if out is not None and not is_inplace(out, hidden):
-        check_out(out, hidden)
-    steered = _store_rows(x, hidden, row_active, out)
+    # The steer reference does the steering; the norm is applied to what it stored.
+    steered, proj = steer_reference(hidden, bank, term_vector, term_coef, term_mode, out=out,
+                                    monitor=monitor, monitor_post=monitor_post)
     normed = rmsnorm_reference(steered, norm_weight, eps)
     if normed_out is not None:
         check_out(normed_out, hidden, "normed_out", normed_dtype(hidden, norm_weight))
