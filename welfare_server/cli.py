@@ -25,16 +25,18 @@ def _rollout(args) -> int:
     from welfare_server.model.bundled import ensure_default_model
     from welfare_server.train.rollout import RolloutConfig, rollout
 
-    model_dir = args.model or ensure_default_model()
+    # Bad arguments fail before anything is loaded.
+    config = MazeConfig(size=args.size, episode_steps=args.steps, glyphs=args.glyphs)
+    maze = MazeBatch(config, args.num_envs, seed=args.seed)
+    rollout_config = RolloutConfig(temperature=args.temperature, seed=args.seed)
     started = time.perf_counter()
+    model_dir = args.model or ensure_default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = MazeConfig(size=args.size, episode_steps=args.steps, glyphs=args.glyphs)
     table = MazeTokenTable.from_tokenizer(tokenizer, config)
-    maze = MazeBatch(config, args.num_envs, seed=args.seed)
     first_prompt = maze.render_text([0])[0]
     loaded = time.perf_counter()
-    result = rollout(model, table, maze, RolloutConfig(temperature=args.temperature, seed=args.seed))
+    result = rollout(model, table, maze, rollout_config)
     finished = time.perf_counter()
     print(f"model {model_dir}; maze size {config.size}, {config.episode_steps} moves, glyphs {config.glyphs}")
     print(f"env 0, first prompt: {first_prompt}")
