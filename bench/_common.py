@@ -8,12 +8,17 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Benchmarks run from a checkout (python bench/x.py) whether or not the package is installed.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 RESULTS_DIR = ROOT / "bench" / "results"
+"""Where every benchmark appends its rows (one CSV per benchmark)."""
 
 
 def machine_name(device: str | torch.device = "cpu") -> str:

@@ -22,22 +22,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from welfare_server.kernels import SteerMode  # noqa: E402
-from welfare_server.model.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
-from welfare_server.model.hf_reference import hf_generate_steered  # noqa: E402
-from welfare_server.model.loading import load_model  # noqa: E402
-from welfare_server.model.steering import Scope, SteeringSpec, SteeringTerm  # noqa: E402
+from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
+from welfare_server.kernels import SteerMode
+from welfare_server.model.engine import Engine, EngineConfig, Request, SamplingParams
+from welfare_server.model.hf_reference import hf_generate_steered
+from welfare_server.model.loading import load_model
+from welfare_server.model.steering import Scope, SteeringSpec, SteeringTerm
 
 
 def sync(device):
@@ -57,7 +51,7 @@ def main() -> None:
                     help="32 new tokens, K in {1, batch} only, and HF hooks only at batch <= 8")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per provider (best kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.csv"))
+    ap.add_argument("--out", default=str(RESULTS_DIR / "generate.csv"))
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     if args.new_tokens is None:

@@ -24,19 +24,15 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
+from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
+from welfare_server.maze import MazeBatch, MazeConfig, MazeTokenTable
+from welfare_server.maze.reference import ReferenceMaze
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from welfare_server.maze import MazeBatch, MazeConfig, MazeTokenTable  # noqa: E402
-from welfare_server.maze.reference import ReferenceMaze  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "maze.csv"
+RESULTS = RESULTS_DIR / "maze.csv"
 FIELDS = ["date", "machine", "device", "commit", "provider", "size", "num_envs", "metric", "value",
           "ratio_vs_jumanji", "note"]
 

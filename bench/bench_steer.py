@@ -29,14 +29,11 @@ from pathlib import Path
 
 import torch
 
-from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from welfare_server.kernels import (SteerMode, capture_reference, rmsnorm_reference,  # noqa: E402
+from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
+from welfare_server.kernels import (SteerMode, capture_reference, rmsnorm_reference,
                                     steer_reference, steer_rmsnorm_reference)
 
-RESULTS = Path(__file__).resolve().parent / "results" / "steer.csv"
+RESULTS = RESULTS_DIR / "steer.csv"
 FIELDS = ["date", "device", "commit", "op", "dtype", "T", "D", "provider", "us", "gbps",
           "frac_copy", "speedup_vs_eager", "note"]
 TARGET_TD = 16 * 2**20  # T*D from which the 90%-of-copy target applies

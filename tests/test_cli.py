@@ -23,15 +23,11 @@ def test_bad_rollout_arguments_exit_2_with_a_clear_message(argv, message, capsys
 
 
 def test_rollout_plays_episodes_with_a_model(tmp_path, capsys, smollm2_tokenizer):
-    # A tiny random Llama with the real tokenizer, saved as a HF directory, plays two short mazes.
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    # The tiny random Llama preset (SmolLM2's vocabulary), saved as a HF directory with the real
+    # tokenizer, plays two short mazes.
+    from welfare_server.model.loading import load_model
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32,
-                                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, tie_word_embeddings=True))
-    model.save_pretrained(tmp_path)
+    load_model("tiny-llama", dtype="float32", device="cpu").model.save_pretrained(tmp_path)
     smollm2_tokenizer.save_pretrained(tmp_path)
     assert main(["rollout", "--model", str(tmp_path), "--num-envs", "2", "--size", "12", "--steps", "3"]) == 0
     out = capsys.readouterr().out

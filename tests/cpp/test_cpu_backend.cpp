@@ -298,21 +298,27 @@ TEST(observe_and_oracle_consistency) {
   }
 }
 
+// A token table whose fragment f is len(f) copies of the id f: renders are easy to check.
+template <typename Len>
+void fake_fragment_table(int nf, Len len, std::vector<int32_t>& ids, std::vector<int32_t>& offsets) {
+  ids.clear();
+  offsets.assign(size_t(nf) + 1, 0);
+  for (int f = 0; f < nf; ++f) {
+    for (int j = 0; j < len(f); ++j) ids.push_back(f);
+    offsets[size_t(f) + 1] = int32_t(ids.size());
+  }
+}
+
 TEST(render_batch_bounds) {
   const int S = 25;
   Batch b(100, S);
   const Config c = cfg(S, 4);
   cpu_reset(c, b.view(), nullptr, 2);
   const int nf = expected_num_fragments(S);
-  std::vector<int32_t> offsets(size_t(nf) + 1, 0), ids;
-  int32_t longest = 0;
-  for (int f = 0; f < nf; ++f) {
-    const int len = 1 + (f * 7) % 5;
-    for (int j = 0; j < len; ++j) ids.push_back(f);
-    offsets[size_t(f) + 1] = int32_t(ids.size());
-  }
+  std::vector<int32_t> offsets, ids;
+  fake_fragment_table(nf, [](int f) { return 1 + (f * 7) % 5; }, ids, offsets);
   // an upper bound: prefix + wind + head + x + y + close + 4 clauses + tail + suffix
-  longest = 13 * 5;
+  const int32_t longest = 13 * 5;
   TokenTable tt{ids.data(), offsets.data(), nf, longest, -1};
   std::vector<int32_t> out(size_t(100) * longest + 16, 4242), lengths(100);
   cpu_render_tokens(c, b.view(), tt, out.data(), lengths.data(), 2);
@@ -340,11 +346,8 @@ TEST(render_and_oracle_refuse_corrupt_state) {
   const Config c = cfg(S, 9);
   cpu_reset(c, b.view(), nullptr, 2);
   const int nf = expected_num_fragments(S);
-  std::vector<int32_t> offsets(size_t(nf) + 1, 0), ids;
-  for (int f = 0; f < nf; ++f) {
-    ids.push_back(f);
-    offsets[size_t(f) + 1] = int32_t(ids.size());
-  }
+  std::vector<int32_t> offsets, ids;
+  fake_fragment_table(nf, [](int) { return 1; }, ids, offsets);
   const int32_t max_len = 16;
   TokenTable tt{ids.data(), offsets.data(), nf, max_len, -1};
   std::vector<int32_t> out(size_t(8) * max_len, 4242), lengths(8, 77), dist(8, 77);

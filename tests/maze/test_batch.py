@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from welfare_server.maze import GOLD, MazeBatch, MazeConfig, MazeTokenTable
+from welfare_server.maze import text as T
 from welfare_server.maze.reference import ReferenceMaze
 
 
@@ -119,6 +120,13 @@ def test_same_seed_same_mazes_other_seed_differs():
     assert not torch.equal(first.grids, before)
 
 
+def tokenized_turn(tokenizer, table, text):
+    """tokenizer(...) of a whole user turn: the chat wrapper around the prompt text."""
+    prefix = tokenizer.decode(table.fragment_ids[T.TURN_PREFIX])
+    suffix = tokenizer.decode(table.fragment_ids[T.TURN_SUFFIX])
+    return tokenizer(prefix + text + suffix, add_special_tokens=False)["input_ids"]
+
+
 def test_render_tokens_equal_real_tokenizer_ids(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     for glyphs in ("office", "dessert", "letters"):
@@ -127,12 +135,10 @@ def test_render_tokens_equal_real_tokenizer_ids(smollm2_tokenizer):
         batch = MazeBatch(config, 24, seed=4)
         ref = ReferenceMaze(config, 24, 4)
         rng = np.random.default_rng(0)
-        prefix = tokenizer.decode(table.fragment_ids[8])
-        suffix = tokenizer.decode(table.fragment_ids[9])
         for t in range(6):
             ids, lengths = batch.render_tokens(table)
             for i in range(batch.num_envs):
-                want = tokenizer(prefix + ref.prompt_text(i) + suffix, add_special_tokens=False)["input_ids"]
+                want = tokenized_turn(tokenizer, table, ref.prompt_text(i))
                 got = ids[i, : lengths[i]].tolist()
                 assert got == want, f"{glyphs} step {t} env {i}"
                 assert (ids[i, lengths[i]:] == table.pad_id).all()
@@ -233,9 +239,7 @@ def test_sixty_five_thousand_envs_step_and_render(smollm2_tokenizer):
     assert (batch.episode == 1).all() and (batch.step_index == 1).all()
     # Spot-check a far env against the pure-Python prompt of the same state.
     i = 65535
-    expected = smollm2_tokenizer(smollm2_tokenizer.decode(table.fragment_ids[8]) + batch.render_text([i])[0]
-                                 + smollm2_tokenizer.decode(table.fragment_ids[9]), add_special_tokens=False)
-    assert ids[i, : lengths[i]].tolist() == expected["input_ids"]
+    assert ids[i, : lengths[i]].tolist() == tokenized_turn(smollm2_tokenizer, table, batch.render_text([i])[0])
 
 
 def test_batch_calls_release_the_gil():

@@ -8,14 +8,10 @@ from welfare_server.train.rollout import RolloutConfig, rollout
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(smollm2_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama():
+    from welfare_server.model.loading import load_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return load_model("tiny-llama", dtype="float32", device="cpu").model.eval()
 
 
 def masked_choice(logits, valid, action_ids):

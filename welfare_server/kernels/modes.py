@@ -13,7 +13,6 @@ class SteerMode(enum.IntEnum):
     CLAMP = 3       # x += (c - <x,v>/||v||) v/||v||            (component along v/||v|| becomes c)
 
 
-NUM_MODES = len(SteerMode)
 
 # Terms per row. A compile-time constant of the kernels (tl.constexpr): a term table narrower than
 # this compiles a narrower kernel, so decode batches with 1 term pay for 1, not 4.

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 # Tile codes shared with the C++ core (csrc/maze/rules.h) and the reference.
 PATH, MOLD, GOLD = 0, 1, 2
-TILE_NAMES = ("Path", "Mold", "Gold")
 # Direction codes: the order of actions, of [B, 4] arrays and of masks everywhere.
 NORTH, EAST, SOUTH, WEST = 0, 1, 2, 3
 DIRECTION_LETTERS = ("N", "E", "S", "W")
