@@ -81,6 +81,48 @@ def test_real_smollm2_matches_hf_hooks():
     assert "Paris" in tok.decode(hf_generate_steered(lm.model, [rendered[0][0]], [None], 10)[0])
 
 
+# bf16 rounds differently in a cached decode step than in one teacher-forced forward, so exact
+# equality with HF is not expected; a chosen token must be the reference's argmax up to this many
+# nats (observed: at most 0.0625, at near ties), and its logprob within BF16_LOGPROB_TOL (observed:
+# 0.38 on a steered row; bf16's ulp at logits of ~20 is 0.125).
+BF16_ARGMAX_TOL = 0.25
+BF16_LOGPROB_TOL = 0.5
+
+
+@pytest.mark.real_model
+def test_real_smollm2_bf16_picks_the_reference_argmax():
+    """bf16 serving: every token the engine picks (greedy, rows steered differently) is the argmax,
+    within bf16 tolerance, of HF's forward with hook steering over the same tokens."""
+    from welfare_server.model.hf_reference import hook_steering
+    from welfare_server.model.prompts import render_chat
+    lm = load_model("smollm2-135m-instruct", dtype="bfloat16", device="cpu")
+    D, L = lm.config.hidden_size, lm.config.num_hidden_layers
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Write a haiku about the sea."}],
+             [{"role": "user", "content": "Name a colour."}]]
+    specs = [SteeringSpec([SteeringTerm(rand_vec(D, 11, 0.2), [L // 2], 4.0, SteerMode.ADD)], Scope.ALL),
+             None,
+             SteeringSpec([SteeringTerm(rand_vec(D, 12, 1.0), [3, 10, 20], 4.0, SteerMode.ADD_RENORM)], Scope.ALL)]
+    n = 24
+    eng = Engine(lm, EngineConfig(max_batch_slots=4, max_context_len=256))
+    outs = eng.generate([Request(messages=c, steering=s, sampling=SamplingParams(
+        max_new_tokens=n, ignore_eos=True, logprobs=True)) for c, s in zip(chats, specs)])
+    exact = 0
+    for chat, spec, out in zip(chats, specs, outs):
+        prompt, _ = render_chat(lm.tokenizer, chat)
+        seq = torch.tensor([prompt + out.token_ids])
+        # Scope.ALL steers every token, so one forward over prompt + output is the reference.
+        with torch.inference_mode(), hook_steering(lm.model, [spec], [torch.ones(seq.shape[1], dtype=torch.bool)], -1):
+            lp = lm.model(seq).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        chosen = lp.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        gap = lp.max(-1).values - chosen
+        assert gap.max() <= BF16_ARGMAX_TOL, (out.text, gap)
+        assert (chosen - torch.tensor(out.logprobs)).abs().max() <= BF16_LOGPROB_TOL
+        exact += int((gap == 0).sum())
+    assert exact >= 0.9 * n * len(chats)  # near ties are rare, not the rule
+    assert "sea" in outs[1].text.lower()  # the unsteered row is still the model's own answer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-gemma"])
 def test_cuda_graph_decode_matches_eager(family):
