@@ -51,6 +51,8 @@ def main() -> None:
                     help="32 new tokens, K in {1, batch} only, and HF hooks only at batch <= 8")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per provider (best kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new batch size after this many seconds (rows are appended per batch size)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "generate.csv"))
     ap.add_argument("--note", default="")
     args = ap.parse_args()
@@ -76,7 +78,11 @@ def main() -> None:
             return None
         return SteeringSpec([SteeringTerm(vectors[i % k], layers, 1.0, SteerMode.ADD)], Scope.ALL)
 
+    t_start = time.perf_counter()
     for B in batches:
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            print(f"# time budget {args.budget_s:.0f}s spent: skipping batch {B}")
+            continue
         prompts = [torch.randint(3, lm.config.vocab_size, (T,), generator=g).tolist() for _ in range(B)]
         runs: dict[str, callable] = {}
         runs["hf_generate"] = lambda n: hf_generate_steered(lm.model, prompts, [None] * B, n)
@@ -127,8 +133,10 @@ def main() -> None:
                   f"B={B:4d} {name:22s} {tps:10.1f} tok/s  x{tps / base:.2f} vs HF generate")
         del eng
         eng_ref = None
-    append_rows(args.out, list(rows[0].keys()), rows)
-    print(f"appended {len(rows)} rows to {args.out}")
+        # Appended per batch size, so a run cut short by a time limit keeps what it measured.
+        append_rows(args.out, list(rows[0].keys()), rows)
+        print(f"appended {len(rows)} rows to {args.out}")
+        rows.clear()
 
 
 if __name__ == "__main__":

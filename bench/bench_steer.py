@@ -9,6 +9,8 @@ Providers, each on the same inputs in the same run:
 - copy:    hidden.clone(), the same read+write bytes as one steering pass: the roof on this card
 For steer_rmsnorm also "triton+norm": the Triton steer followed by a separate (compiled on CUDA)
 RMSNorm, i.e. what the fused kernel saves one pass over.
+With --sweep, at the shapes with T*D >= 16M, "triton[R..w..]" times the steer kernels under other
+LaunchTunings (rows per program R, warps w) than the default, to choose the default from data.
 
 Bytes per call = read + write of hidden (+ the normed write for steer_rmsnorm; capture reads only)
 + the distinct bank rows read. Figures: us (median) and GB/s; frac_copy = GB/s / copy GB/s.
@@ -16,6 +18,7 @@ Targets (H100/H200): every mode >= 90% of copy for T*D >= 16M; >= 4x eager for A
 ADD_RENORM at 65536 x 4096; fused steer+norm faster than triton+norm; one launch for T <= 256.
 
     python bench/bench_steer.py --device cuda             # the whole GPU benchmark
+    python bench/bench_steer.py --device cuda --sweep     # plus alternative launch tunings
     python bench/bench_steer.py --device cpu --quick      # smoke run (eager / compile / copy)
 Rows are appended to bench/results/steer.csv (or --out) with device name, git commit and date.
 """
@@ -32,12 +35,28 @@ import torch
 from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
 from welfare_server.kernels import (SteerMode, capture_reference, rmsnorm_reference,
                                     steer_reference, steer_rmsnorm_reference)
+from welfare_server.kernels.steer import DEFAULT_TUNING, LaunchTuning, launch_config
 
 RESULTS = RESULTS_DIR / "steer.csv"
 FIELDS = ["date", "device", "commit", "op", "dtype", "T", "D", "provider", "us", "gbps",
           "frac_copy", "speedup_vs_eager", "note"]
 TARGET_TD = 16 * 2**20  # T*D from which the 90%-of-copy target applies
 BANK_K = 16
+# Alternatives to DEFAULT_TUNING timed by --sweep: fewer registers per thread (more warps), and
+# more rows per program (more bytes per program); duplicates of the default are skipped.
+SWEEP_TUNINGS = [LaunchTuning(4096, 8), LaunchTuning(8192, 16), LaunchTuning(2048, 8), LaunchTuning(16384, 16)]
+
+
+def tuning_variants(D: int, T: int) -> dict:
+    """Provider name -> LaunchTuning, for the distinct launch configurations SWEEP_TUNINGS give."""
+    seen = {launch_config(D, T, DEFAULT_TUNING)}
+    out = {}
+    for tuning in SWEEP_TUNINGS:
+        cfg = launch_config(D, T, tuning)
+        if cfg not in seen:
+            seen.add(cfg)
+            out[f"triton[R{cfg[0]}w{cfg[2]}]"] = tuning
+    return out
 
 
 def timer(device: str, quick: bool):
@@ -88,6 +107,8 @@ def main():
     ap.add_argument("--compile", default="target", choices=["none", "target", "all"],
                     help="torch.compile provider: none, only at the largest shape (default), all shapes")
     ap.add_argument("--ops", default="add,add_renorm,steer_rmsnorm,capture,ablate,clamp")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the steer kernels under SWEEP_TUNINGS at the T*D >= 16M shapes (CUDA)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="stop starting new shapes after this many seconds (gpu_check.sh allows 120)")
@@ -147,6 +168,7 @@ def main():
             passes = {"steer_rmsnorm": 3, "capture": 1}.get(op, 2)
             nbytes = passes * T * D * es + (bank_bytes if op != "capture" else 0)
             provs = {}
+            sweep_here = args.sweep and T * D >= TARGET_TD
             if op == "capture":
                 labels = (torch.arange(T, device=device) % 3)
                 sums = torch.zeros(3, D, device=device)
@@ -162,6 +184,10 @@ def main():
                 ref_fn = steer_rmsnorm_reference
                 if device == "cuda":
                     provs["triton"] = lambda: steer_rmsnorm_triton(hidden, bank, tv, tc, tm, w, 1e-6)
+                    if sweep_here:
+                        for name, tun in tuning_variants(D, T).items():
+                            provs[name] = (lambda tun=tun: steer_rmsnorm_triton(hidden, bank, tv, tc, tm, w, 1e-6,
+                                                                                 tuning=tun))
                     # A good separate norm (one read + one write), compiled once for all shapes.
                     norm_c = get_compiled("rmsnorm", rmsnorm_reference, dynamic=True)
                     provs["triton+norm"] = lambda: norm_c(steer_triton(hidden, bank, tv, tc, tm)[0], w, 1e-6)
@@ -171,6 +197,9 @@ def main():
                 ref_fn = steer_reference
                 if device == "cuda":
                     provs["triton"] = lambda: steer_triton(hidden, bank, tv, tc, tm)
+                    if sweep_here:
+                        for name, tun in tuning_variants(D, T).items():
+                            provs[name] = lambda tun=tun: steer_triton(hidden, bank, tv, tc, tm, tuning=tun)
             want_compile = args.compile == "all" or (args.compile == "target" and (T, D) == biggest
                                                      and op in ("add", "add_renorm", "steer_rmsnorm"))
             if want_compile:

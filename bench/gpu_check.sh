@@ -1,28 +1,73 @@
 #!/usr/bin/env bash
-# The one GPU check (run on the lent H100/H200 via the device tool, from the repo root):
-# builds the extension with the CUDA backend, runs the CUDA/Triton tests and the GPU benchmarks,
-# and writes logs and CSV rows under $OUT (fetched back by the device tool).
-# The GPU image has torch/triton/transformers preinstalled and no network, hence --no-build-isolation.
-# TOKENIZER_DIR: a HF tokenizer directory carried to the machine (the bundled model's tokenizer files,
-# 3.5 MB), prepared here with
+# The one GPU check (run on the lent H100/H200 via the device tool, from the repo root): builds the
+# extension with the CUDA backend, runs the CUDA/Triton tests and the GPU benchmarks, and writes
+# logs and CSV rows under $OUT (fetched back by the device tool).
+#
+#   TOKENIZER_DIR=transfer/tokenizer bash bench/gpu_check.sh [STAGE ...]     (device tool, carry ["transfer"])
+#
+# STAGES, in order of what the open issues need most (default: all of them):
+#   build     pip install -e . with WELFARE_CUDA=ON (the image has torch/triton and no network)
+#   maze      CUDA maze parity tests, then bench_maze.py --device cuda        (issue 2)
+#   kernels   Triton kernel tests on CUDA, then bench_steer.py --sweep         (issue 3)
+#   engine    CUDA-graph decode test, then bench_generate.py bf16              (issue 4)
+# Stage time limits below add up to ~9 min at worst (typically far less); the device session has
+# 15 min including the machine's start. A later call on the still-warm machine can rerun single
+# stages (the build stays in the working tree between calls).
+#
+# TOKENIZER_DIR: the bundled model's tokenizer files (3.5 MB) for the maze's token rendering,
 #   mkdir -p transfer/tokenizer && cp ~/.cache/welfare_server/models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja,config.json} transfer/tokenizer/
-# The image has no pytest: carry pure-Python wheels too, prepared here with
-#   pip download --no-deps -d transfer/wheels pytest pluggy iniconfig
-# and run there as: TOKENIZER_DIR=transfer/tokenizer bash bench/gpu_check.sh  (device tool, carry ["transfer"]).
+# The image has pytest (2026-11); if a future image lacks it, carry pure-Python wheels in
+# transfer/wheels (pip download --no-deps -d transfer/wheels pytest pluggy iniconfig).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build maze kernels engine)
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+export WELFARE_TOKENIZER_DIR=${TOKENIZER_DIR:-}
+TOK_ARGS=()
+[ -n "${TOKENIZER_DIR:-}" ] && TOK_ARGS=(--tokenizer "$TOKENIZER_DIR")
+SUMMARY="$OUT/summary.txt"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+# run NAME SECONDS CMD...: runs with a time limit, logs to $OUT/NAME.log, records rc and seconds.
+run() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  note "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)"
+  return $rc
+}
+
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-WELFARE_CUDA=ON pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
-python -c "from welfare_server import _maze_core as c; assert c.cuda_compiled(); print('cuda backend compiled')"
+note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
 if ! python -c "import pytest" 2>/dev/null && [ -d transfer/wheels ]; then
   pip install --no-index --no-deps transfer/wheels/*.whl > "$OUT/wheels.log" 2>&1
 fi
-TOK_ARGS=()
-export WELFARE_TOKENIZER_DIR=${TOKENIZER_DIR:-}
-[ -n "${TOKENIZER_DIR:-}" ] && TOK_ARGS=(--tokenizer "$TOKENIZER_DIR")
-timeout 240 python -m pytest -q tests/kernels tests/maze/test_cuda_backend.py "tests/model/test_equality.py::test_cuda_graph_decode_matches_eager" > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
-timeout 120 python bench/bench_steer.py --device cuda --out "$OUT/steer.csv" > "$OUT/bench_steer.log" 2>&1; echo "bench_steer rc=$?"
-timeout 120 python bench/bench_maze.py --device cuda "${TOK_ARGS[@]}" --out "$OUT/maze.csv" > "$OUT/bench_maze.log" 2>&1; echo "bench_maze rc=$?"
-timeout 180 python bench/bench_generate.py --device cuda --dtype bfloat16 --out "$OUT/generate.csv" > "$OUT/bench_generate.log" 2>&1; echo "bench_generate rc=$?"
-tail -n 30 "$OUT"/bench_*.log
+
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    build)
+      WELFARE_CUDA=ON run build 240 pip install --no-build-isolation --no-deps -e . || { tail -40 "$OUT/build.log"; exit 1; }
+      python -c "from welfare_server import _maze_core as c; assert c.cuda_compiled(); print('cuda backend compiled')" | tee -a "$SUMMARY"
+      ;;
+    maze)
+      run pytest_maze 90 python -m pytest -q -x tests/maze/test_cuda_backend.py; tail -3 "$OUT/pytest_maze.log"
+      run bench_maze 90 python bench/bench_maze.py --device cuda "${TOK_ARGS[@]}" --out "$OUT/maze.csv"
+      ;;
+    kernels)
+      run pytest_kernels 120 python -m pytest -q tests/kernels; tail -3 "$OUT/pytest_kernels.log"
+      run bench_steer 110 python bench/bench_steer.py --device cuda --sweep --budget-s 95 --out "$OUT/steer.csv"
+      ;;
+    engine)
+      run pytest_engine 90 python -m pytest -q tests/model/test_equality.py -k "cuda_graph"; tail -3 "$OUT/pytest_engine.log"
+      # The targets' batch sizes first (1 and 128), so a cut-short run keeps them.
+      run bench_generate 170 python bench/bench_generate.py --device cuda --dtype bfloat16 --batches 1,128,8,32,256 \
+        --repeats 2 --budget-s 120 --out "$OUT/generate.csv"
+      ;;
+    *) echo "unknown stage $stage (build, maze, kernels, engine)"; exit 2 ;;
+  esac
+done
+for f in "$OUT"/bench_*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 25 "$f"; }; done
+echo "== summary"; cat "$SUMMARY"

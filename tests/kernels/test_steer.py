@@ -206,3 +206,29 @@ def test_all_rows_untouched_and_empty(impl):
 def test_mode_enum_and_limits():
     assert [int(m) for m in SteerMode] == [0, 1, 2, 3]
     assert SteerMode.ADD_RENORM == 1 and MAX_TERMS == 4
+
+
+@pytest.mark.parametrize("tuning", [dict(elements_per_program=256, elements_per_thread=4),
+                                    dict(elements_per_program=2048, elements_per_thread=32, max_warps=2)],
+                         ids=["narrow", "wide-few-warps"])
+def test_launch_tuning_changes_the_split_not_the_result(tuning):
+    """bench_steer --sweep times other LaunchTunings: each computes the same function (only the
+    grid and warps change; on a GPU the reduction order may differ, so within tolerance)."""
+    import importlib
+    steer_mod = importlib.import_module("welfare_server.kernels.steer")
+    steer_rmsnorm_mod = importlib.import_module("welfare_server.kernels.steer_rmsnorm")
+    tun = steer_mod.LaunchTuning(**tuning)
+    T, D = 83, 577
+    assert steer_mod.launch_config(D, T, tun) != steer_mod.launch_config(D, T)
+    hidden, bank, tv, tc, tm = make_steer_case(T, D, torch.bfloat16, seed=17)
+    w = torch.randn(D, device=DEVICE)
+    want = oracle_steer(hidden, bank, tv, tc, tm)
+    tuned = torch.full_like(hidden, float("nan"))
+    steer_mod.steer_triton(hidden, bank, tv, tc, tm, out=tuned, tuning=tun)
+    assert_rows_close(tuned, want, torch.bfloat16, f"tuning {tuning}")
+    untouched = (tv == -1).all(1)
+    assert same_bits(tuned[untouched], hidden[untouched])
+    s_base, n_base, _ = steer_rmsnorm_mod.steer_rmsnorm_triton(hidden, bank, tv, tc, tm, w, 1e-6)
+    s_tuned, n_tuned, _ = steer_rmsnorm_mod.steer_rmsnorm_triton(hidden, bank, tv, tc, tm, w, 1e-6, tuning=tun)
+    assert_rows_close(s_tuned, want, torch.bfloat16, f"steer_rmsnorm tuning {tuning}")
+    assert_rows_close(n_tuned.float(), n_base.float(), torch.bfloat16, f"normed, tuning {tuning}")

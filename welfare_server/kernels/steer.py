@@ -12,6 +12,7 @@ vector and each monitor vector are loaded once into registers, so the only traff
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -140,17 +141,36 @@ if HAS_TRITON:
                     tm_ptr, mon_ptr, stride_mm, proj_ptr, rows, offs, T, D, NT, M, MONITOR_POST, INPLACE)
 
 
-def launch_config(D: int, T: int):
+@dataclass(frozen=True)
+class LaunchTuning:
+    """How the register-resident steer kernels split a [T, D] batch into programs. The defaults are
+    reasoned, not yet measured on a GPU: bench/bench_steer.py --sweep times alternatives."""
+
+    elements_per_program: int = 4096
+    """Target ROWS * BLOCK_D of one program (never below one row). Small D packs several rows per
+    program so a program has enough bytes in flight and bank/monitor/weight loads are shared."""
+    elements_per_thread: int = 16
+    """Target fp32 elements of each row-sized tensor (x, v, y) per thread; sets num_warps. More
+    means fewer warps and more registers per thread (at 32 the rows spill: scripts/triton_aot.py)."""
+    max_warps: int = 16
+    """Upper bound on num_warps (512 threads: 128 registers each fit one program per SM)."""
+
+
+DEFAULT_TUNING = LaunchTuning()
+# Under TRITON_INTERPRET=1 each program costs ~15 ms of Python: programs take as many rows as fit
+# 64K elements, so the tests finish in seconds instead of minutes.
+INTERPRETER_TUNING = LaunchTuning(elements_per_program=65536)
+
+
+def launch_config(D: int, T: int, tuning: LaunchTuning | None = None):
     """(ROWS, BLOCK_D, num_warps). BLOCK_D = next pow2 >= D: the whole row lives in registers, so
-    h is read once and written once. Small D packs several rows per program (ROWS*BLOCK_D ~ 4096
-    elements) so a program has enough bytes in flight and bank/monitor/weight loads are shared;
-    warps scale so a thread holds <= 16 fp32 elements per row-sized tensor (x, v, y stay in
-    registers). Under TRITON_INTERPRET=1 each program costs ~15 ms of Python, so programs take as
-    many rows as fit 64K elements (tests finish in seconds instead of minutes)."""
+    h is read once and written once; ROWS <= 64 rows share a program when D is small."""
+    if tuning is None:
+        tuning = INTERPRETER_TUNING if os.environ.get("TRITON_INTERPRET") == "1" else DEFAULT_TUNING
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    budget = 65536 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-    ROWS = max(1, min(budget // BLOCK_D, 64, triton.next_power_of_2(max(T, 1))))
-    num_warps = max(1, min(16, ROWS * BLOCK_D // 512))
+    ROWS = max(1, min(tuning.elements_per_program // BLOCK_D, 64, triton.next_power_of_2(max(T, 1))))
+    threads = ROWS * BLOCK_D // tuning.elements_per_thread
+    num_warps = max(1, min(tuning.max_warps, threads // 32))
     return ROWS, BLOCK_D, num_warps
 
 
@@ -185,12 +205,12 @@ def _launch_buffers(op, hidden, bank, term_vector, term_coef, term_mode, out, mo
 
 
 def steer_triton(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=None,
-                 monitor_post=True):
+                 monitor_post=True, tuning: LaunchTuning | None = None):
     T, D = hidden.shape
     b = _launch_buffers("steer", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
     if T == 0:
         return b["out"], b["proj"]
-    ROWS, BLOCK_D, num_warps = launch_config(D, T)
+    ROWS, BLOCK_D, num_warps = launch_config(D, T, tuning)
     _steer_kernel[(triton.cdiv(T, ROWS),)](
         b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), b["bank"], b["bank"].stride(0),
         b["bank"].shape[0], b["tv"], b["tc"], b["tm"], b["mon_arg"], b["mon_stride"], b["proj_arg"], T, D,

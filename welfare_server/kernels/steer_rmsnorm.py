@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from welfare_server.kernels._checks import check_out
-from welfare_server.kernels.steer import HAS_TRITON, _launch_buffers, launch_config, steer_reference
+from welfare_server.kernels.steer import (HAS_TRITON, LaunchTuning, _launch_buffers, launch_config,
+                                          steer_reference)
 
 if HAS_TRITON:
     import triton
@@ -37,7 +38,8 @@ def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
-                            out=None, normed_out=None, monitor=None, monitor_post=True):
+                            out=None, normed_out=None, monitor=None, monitor_post=True,
+                         tuning: LaunchTuning | None = None):
     # The steer reference does the steering; the norm is applied to what it stored.
     steered, proj = steer_reference(hidden, bank, term_vector, term_coef, term_mode, out=out,
                                     monitor=monitor, monitor_post=monitor_post)
@@ -72,7 +74,8 @@ if HAS_TRITON:
 
 
 def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
-                         out=None, normed_out=None, monitor=None, monitor_post=True):
+                         out=None, normed_out=None, monitor=None, monitor_post=True,
+                         tuning: LaunchTuning | None = None):
     T, D = hidden.shape
     b = _launch_buffers("steer_rmsnorm", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
     ndt = normed_dtype(hidden, norm_weight)
@@ -84,7 +87,7 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
             raise ValueError("normed_out needs unit stride along D")
     if T == 0:
         return b["out"], normed_out, b["proj"]
-    ROWS, BLOCK_D, num_warps = launch_config(D, T)
+    ROWS, BLOCK_D, num_warps = launch_config(D, T, tuning)
     _steer_rmsnorm_kernel[(triton.cdiv(T, ROWS),)](
         b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), normed_out, normed_out.stride(0),
         norm_weight.contiguous(), float(eps), b["bank"], b["bank"].stride(0), b["bank"].shape[0],
