@@ -223,7 +223,7 @@ def test_submit_refuses_what_admission_or_sampling_would_fail_on(get_model):
     some passed submit and raised inside step() with a slot already claimed."""
     lm = get_model("tiny-llama")
     D, L = lm.config.hidden_size, lm.config.num_hidden_layers
-    eng = Engine(lm, EngineConfig(max_batch_slots=2, max_context_len=64, max_prefill_tokens=16))
+    eng = Engine(lm, EngineConfig(max_batch_slots=2, max_context_len=64))
     p = rand_prompts([8], seed=5)[0]
     bad_mon = torch.ones(2, D)
     bad_mon[1, 3] = float("nan")
@@ -237,8 +237,6 @@ def test_submit_refuses_what_admission_or_sampling_would_fail_on(get_model):
         eng.submit(Request(prompt=p, sampling=SamplingParams(top_p=0.0, max_new_tokens=2)))
     with pytest.raises(RequestRefused, match="sampling.seed"):
         eng.submit(Request(prompt=p, sampling=SamplingParams(temperature=1.0, seed=2**64, max_new_tokens=2)))
-    with pytest.raises(RequestRefused, match="max_prefill_tokens=16"):
-        eng.submit(Request(prompt=rand_prompts([17], seed=5)[0], sampling=greedy(2)))
     assert eng.num_waiting == 0
     out = eng.generate([Request(prompt=p, sampling=greedy(3))])[0]
     assert out.finish_reason == "length" and eng.num_running == 0 and eng.monitor_bank.num_free == 64

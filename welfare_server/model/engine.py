@@ -20,8 +20,9 @@ a last-bit difference in bf16.
 
 Scheduling: step() (1) retires cancelled requests, (2) admits waiting requests into free slots
 (in arrival order; one whose vectors do not fit in the bank yet waits without holding up later
-requests that fit), prefills them in padded
-batches and samples their first token, (3) decodes one token for every running request.
+requests that fit), prefills them in padded groups, chunk by chunk along the prompt
+(EngineConfig.prefill_chunk_tokens), and samples their first token, (3) decodes one token for
+every running request.
 """
 
 from __future__ import annotations
@@ -64,7 +65,14 @@ class EngineConfig:
     max_monitor_vectors: int = 64
     """Monitor vectors resident at once (all running requests together)."""
     max_prefill_tokens: int = 8192
-    """Padded prompt tokens (rows x longest prompt) per prefill batch; bounds activation memory."""
+    """Padded prompt tokens (rows x longest prompt) per prefill group. A group runs in passes of
+    prefill_chunk_tokens positions, each attending over every key its rows have so far, so one pass
+    holds at most rows x chunk tokens of activations and heads x chunk x max_prefill_tokens attention
+    scores. Counting the longest prompt (not the chunk) is what bounds those scores; a prompt
+    longer than this is prefilled in a group of its own (scores: heads x chunk x its length)."""
+    prefill_chunk_tokens: int = 512
+    """Prompt positions per prefill pass: attention scores grow as chunk x prompt length instead of
+    the prompt length squared. Smaller bounds memory tighter at the cost of more passes."""
     max_waiting: int = 4096
     """Queued (not yet admitted) requests; submit refuses beyond this."""
     use_cuda_graphs: bool = True
@@ -326,6 +334,9 @@ class Engine:
                                       "sequence length; not supported on the fast path")
         if cfg.max_terms_per_row < 1 or cfg.max_terms_per_row > MAX_TERMS:
             raise ValueError(f"EngineConfig.max_terms_per_row must be in [1, {MAX_TERMS}] (kernel limit)")
+        if not isinstance(cfg.prefill_chunk_tokens, int) or cfg.prefill_chunk_tokens < 1:
+            raise ValueError(f"EngineConfig.prefill_chunk_tokens must be an integer >= 1 "
+                             f"(got {cfg.prefill_chunk_tokens!r})")
         self.family = family
         self.device, self.dtype = loaded.device, loaded.dtype
         self.lm = model
@@ -433,9 +444,6 @@ class Engine:
             raise RequestRefused("request.prompt: empty")
         if any(t < 0 or t >= self.vocab for t in ids):
             raise RequestRefused(f"request.prompt: token id out of range [0, {self.vocab})")
-        if len(ids) > cfg.max_prefill_tokens:
-            raise RequestRefused(f"request.prompt: {len(ids)} tokens exceed max_prefill_tokens="
-                                 f"{cfg.max_prefill_tokens} (one prompt is prefilled in one batch)")
         if sp.max_new_tokens < 1:
             raise RequestRefused("sampling.max_new_tokens must be >= 1")
         if len(ids) + sp.max_new_tokens > cfg.max_context_len:
@@ -672,7 +680,8 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, seqs: list[_Seq]) -> list[_Seq]:
-        """Padded batch prefill of newly admitted requests; samples their first token."""
+        """Prefill newly admitted requests, prefill_chunk_tokens positions per pass (the K/V of
+        earlier chunks are read back from the cache); samples their first token."""
         if not seqs:
             return []
         dev = self.device
@@ -680,61 +689,97 @@ class Engine:
         lens = [len(s.prompt_ids) for s in seqs]
         Tm = max(lens)
         ids = torch.zeros((N, Tm), dtype=torch.long)
-        valid = torch.zeros((N, Tm), dtype=torch.bool)
         steer_mask = torch.zeros((N, Tm), dtype=torch.bool)
         for r, s in enumerate(seqs):
             n = lens[r]
             ids[r, :n] = torch.tensor(s.prompt_ids)
-            valid[r, :n] = True
             steer_mask[r, :n] = prompt_steer_mask(s.steering.scope, s.roles, n)
-        ids, valid, steer_mask = ids.to(dev), valid.to(dev), steer_mask.to(dev)
-        pos = torch.arange(Tm, device=dev)
-        flat_pos = pos.repeat(N)
-        # (slot, position) of every real token, for the cache writes.
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        vr, vc = valid.nonzero(as_tuple=True)
-        w_slot, w_pos = slots[vr], vc
-        causal = pos[None, :] <= pos[:, None]  # [Tq, Tk]
-        key_ok = valid[:, None, None, :]  # [N, 1, 1, Tk]
+        ids, steer_mask = ids.to(dev), steer_mask.to(dev)
+        lens_t = torch.tensor(lens, device=dev)
+        mon = self._monitor_set(seqs)
+        # Each row's hidden state (and monitor projections) at its last prompt token, taken from
+        # the chunk that token lies in; logits are computed once, for these rows only.
+        last_h = torch.empty((N, self.D), dtype=self.dtype, device=dev)
+        last_mon: dict = {}
+        C = self.cfg.prefill_chunk_tokens
+        for c0 in range(0, Tm, C):
+            c1 = min(c0 + C, Tm)
+            # Rows whose prompt ended in an earlier chunk have nothing left to prefill.
+            rows = [r for r in range(N) if lens[r] > c0]
+            rows_t = torch.tensor(rows, device=dev)
+            h, mon_out = self._prefill_chunk([seqs[r] for r in rows], ids[rows_t, c0:c1],
+                                             steer_mask[rows_t, c0:c1], lens_t[rows_t], c0, mon)
+            ending = [j for j, r in enumerate(rows) if lens[r] <= c1]
+            if ending:
+                at = torch.tensor([j * (c1 - c0) + lens[rows[j]] - 1 - c0 for j in ending], device=dev)
+                dest = rows_t[ending]
+                last_h[dest] = h[at]
+                for key, proj in mon_out.items():
+                    if key not in last_mon:
+                        last_mon[key] = proj.new_empty((N, proj.shape[1]))
+                    last_mon[key][dest] = proj[at]
+        logits = self._logits(last_h)
+        for s, n in zip(seqs, lens):
+            s.length = n
+        return self._sample_and_advance(seqs, logits, last_mon)
+
+    def _prefill_chunk(self, seqs, ids, steer_mask, lens, c0, mon):
+        """One prefill pass over positions [c0, c0 + T) of rows `seqs` (ids, steer_mask [A, T],
+        padded past each row's length `lens` [A]): writes their K/V to the cache and attends over
+        cache positions [0, c0 + T). Returns the hidden states [A*T, D] and monitor projections."""
+        dev = self.device
+        A, T = ids.shape
+        c1 = c0 + T
+        slot_list = [s.slot for s in seqs]
+        slots = torch.tensor(slot_list, device=dev)
+        qpos = torch.arange(c0, c1, device=dev)
+        # Only real tokens are written: a padded position must never overwrite a cache entry.
+        real_row, real_tok = (qpos[None, :] < lens[:, None]).nonzero(as_tuple=True)
+        w_slot, w_pos = slots[real_row], qpos[real_tok]
+        # A padded query is masked as its row's last token: it never attends a position the row
+        # has not written, and never has every key masked (a NaN row) under a sliding window.
+        mask_pos = torch.minimum(qpos[None, :], lens[:, None] - 1)  # [A, T]
+        kpos = torch.arange(c1, device=dev)
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + A))
+        s0 = slot_list[0]
         masks = {}
 
-        def mask_for(window):
-            if window not in masks:
-                m = causal if window is None else causal & (pos[None, :] > pos[:, None] - window)
-                masks[window] = m[None, None] & key_ok
-            return masks[window]
+        def mask_for(window, g):
+            if (window, g) not in masks:
+                m = kpos[None, None, :] <= mask_pos[:, :, None]  # [A, T, c1]
+                if window is not None:
+                    m = m & (kpos[None, None, :] > mask_pos[:, :, None] - window)
+                # One row per (token, query head of a kv head), matching the GQA layout in attend.
+                masks[window, g] = self._additive_mask(m[:, None].repeat_interleave(g, dim=2))
+            return masks[window, g]
 
-        cs = self._rope_tables(flat_pos)
+        cs = self._rope_tables(qpos.repeat(A))
 
         def attend(i, lay, q, k, v):
-            k4 = k.view(N, Tm, lay.n_kv, lay.head_dim)
-            v4 = v.view(N, Tm, lay.n_kv, lay.head_dim)
-            self.k_cache[i][w_slot, :, w_pos] = k4[vr, vc]
-            self.v_cache[i][w_slot, :, w_pos] = v4[vr, vc]
-            g = lay.n_heads // lay.n_kv
-            qh = q.view(N, Tm, lay.n_heads, lay.head_dim).transpose(1, 2)
-            kh = k4.transpose(1, 2).repeat_interleave(g, dim=1) if g > 1 else k4.transpose(1, 2)
-            vh = v4.transpose(1, 2).repeat_interleave(g, dim=1) if g > 1 else v4.transpose(1, 2)
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask_for(lay.window), scale=lay.scaling)
-            return o.transpose(1, 2).reshape(N * Tm, lay.n_heads * lay.head_dim)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[w_slot, :, w_pos] = k.view(A, T, lay.n_kv, lay.head_dim)[real_row, real_tok]
+            vc[w_slot, :, w_pos] = v.view(A, T, lay.n_kv, lay.head_dim)[real_row, real_tok]
+            if contiguous:  # a view: no copy of the cache
+                K, V = kc[s0:s0 + A, :, :c1], vc[s0:s0 + A, :, :c1]
+            else:
+                K, V = kc[slots, :, :c1], vc[slots, :, :c1]
+            g, hd = lay.n_heads // lay.n_kv, lay.head_dim
+            # GQA without repeating K/V: the g query heads of a kv head become g query rows per token.
+            qg = q.view(A, T, lay.n_kv, g, hd).transpose(1, 2).reshape(A, lay.n_kv, T * g, hd)
+            o = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask_for(lay.window, g), scale=lay.scaling)
+            return o.view(A, lay.n_kv, T, g, hd).transpose(1, 2).reshape(A * T, lay.n_heads * hd)
 
-        # Per-token term tables: each row's terms on the tokens its scope covers, -1 elsewhere.
+        # Per-token term tables: each row's terms on the chunk's tokens its scope covers, -1 elsewhere.
         tables = {}
         width = torch.stack([s.steering.width for s in seqs]).amax(0)  # [L, 2]
         for l, p in (width > 0).nonzero().tolist():
             w = int(width[l, p])
             tables[(l, p)] = token_term_tables(self.tv[l, p, slots, :w], self.tc[l, p, slots, :w],
                                                self.tm[l, p, slots, :w], steer_mask)
-        mon = self._monitor_set(seqs)
         mon_out = {}
         h = self._embed(ids.reshape(-1))
         h = self._forward(h, attend, tables, cs, mon, mon_out)
-        last = torch.tensor([r * Tm + n - 1 for r, n in enumerate(lens)], device=dev)
-        logits = self._logits(h[last])
-        for s, n in zip(seqs, lens):
-            s.length = n
-        mon_last = {k: v[last] for k, v in mon_out.items()}
-        return self._sample_and_advance(seqs, logits, mon_last)
+        return h, mon_out
 
     def _monitor_set(self, seqs):
         lp = set()
