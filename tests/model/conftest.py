@@ -6,7 +6,7 @@ import torch
 
 from welfare_server.model.loading import load_model
 
-FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma"]
+FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma", "tiny-gemma2", "tiny-gemma3"]
 
 
 @functools.lru_cache(maxsize=None)

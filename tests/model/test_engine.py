@@ -137,8 +137,10 @@ def test_seeded_sampling_reproducible(get_model):
     assert all(lp <= 0 for lp in a.logprobs)
 
 
-def test_logprobs_and_monitor_match_hf(get_model):
-    lm = get_model("tiny-gemma")
+@pytest.mark.parametrize("family", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+def test_logprobs_and_monitor_match_hf(get_model, family):
+    """Gemma2's final soft-cap does not change an argmax, only the logprobs: checked here."""
+    lm = get_model(family)
     D, L = lm.config.hidden_size, lm.config.num_hidden_layers
     p = rand_prompts([10], seed=8)[0]
     mon = torch.stack([rand_vec(D, 20), rand_vec(D, 21), rand_vec(D, 22)])
@@ -216,6 +218,31 @@ def test_bank_ids_and_unsupported_family(get_model):
     from welfare_server.model.loading import LoadedModel
     with pytest.raises(NotImplementedError, match="gpt2"):
         Engine(LoadedModel(model=Fake(), name="x", device=torch.device("cpu"), dtype=torch.float32))
+
+
+def test_reference_attention_keeps_gemma2_soft_cap(get_model):
+    """HF's reference forward must soft-cap Gemma2's scores: "auto" asks for eager there (5.17
+    would pick SDPA and drop the cap), and leaves other families to transformers (SDPA)."""
+    from welfare_server.model.loading import RuntimeConfig, _attn_implementation
+    assert get_model("tiny-gemma2").model.config._attn_implementation == "eager"
+    assert get_model("tiny-llama").model.config._attn_implementation == "sdpa"
+    assert _attn_implementation(RuntimeConfig(attn_implementation="sdpa"), get_model("tiny-gemma2").config) == "sdpa"
+
+
+def test_length_dependent_rope_is_refused_in_any_layout(get_model):
+    """rope_type 'dynamic' is refused whether the config holds one rope dict or one per layer
+    type (Gemma3's layout)."""
+    import copy
+    lm = get_model("tiny-gemma3")
+    bad = copy.copy(lm.model.config)
+    bad.rope_parameters = dict(lm.config.rope_parameters, full_attention={"rope_type": "dynamic", "rope_theta": 1e6,
+                                                                          "factor": 2.0})
+    from welfare_server.model.loading import LoadedModel
+
+    class Wrapped:
+        config = bad
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        Engine(LoadedModel(model=Wrapped(), name="x", device=torch.device("cpu"), dtype=torch.float32))
 
 
 def test_submit_refuses_what_admission_or_sampling_would_fail_on(get_model):

@@ -47,9 +47,10 @@ def test_greedy_matches_hf_hooks(get_model, family):
     assert any(a != b for a, b in zip(plain[1:], ref[1:]))
 
 
-def test_static_decode_path_matches(get_model):
+@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-gemma2", "tiny-gemma3"])
+def test_static_decode_path_matches(get_model, family):
     """The fixed-buffer decode (the CUDA-graph path, run eagerly on CPU) gives the same tokens."""
-    lm = get_model("tiny-qwen2")
+    lm = get_model(family)
     D, L = lm.config.hidden_size, lm.config.num_hidden_layers
     prompts = rand_prompts([6, 13, 9, 21, 4], seed=5)
     specs = mixed_specs(D, L, 1.0)
@@ -124,7 +125,7 @@ def test_real_smollm2_bf16_picks_the_reference_argmax():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-gemma"])
+@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
 def test_cuda_graph_decode_matches_eager(family):
     """GPU: the captured decode (static buffers, Triton kernels with check_values=False inside
     the capture, graph replays across batch/ctx buckets as requests join and leave) gives the

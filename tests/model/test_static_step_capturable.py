@@ -66,9 +66,11 @@ def gpu_kernel_path(monkeypatch):
     return launches
 
 
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma2", "tiny-gemma3"])
 @pytest.mark.parametrize("steer_in,steer_out", [(False, False), (True, False), (True, True)])
-def test_static_step_has_no_host_sync_and_one_launch_per_point(get_model, gpu_kernel_path, steer_in, steer_out):
-    lm = get_model("tiny-llama")
+def test_static_step_has_no_host_sync_and_one_launch_per_point(get_model, gpu_kernel_path, steer_in, steer_out,
+                                                               family):
+    lm = get_model(family)
     L, D = lm.config.num_hidden_layers, lm.config.hidden_size
     eng = Engine(lm, EngineConfig(max_batch_slots=4, max_context_len=64, graph_ctx_bucket=16,
                                   static_decode=True))

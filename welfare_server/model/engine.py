@@ -5,11 +5,13 @@ Engine reuses the Hugging Face model's weights and submodules but runs its own d
 engine's KV cache -> MLP -> steer at block output -> final norm -> lm_head -> sampling), so there
 are no forward hooks on the hot path and the whole step can be captured in a CUDA graph.
 
-Fast-path families (loading.FAST_PATH_FAMILIES): Llama, Mistral, Qwen2, Qwen3, Gemma (v1): a
-pre-norm block `h + attn(norm1(h))`, `h + mlp(norm2(h))` with RoPE, GQA, optional q/k norms
-(Qwen3), per-layer sliding windows (Mistral; Qwen2/Qwen3 layer_types), Gemma's sqrt(D)-scaled
-embedding and (1 + w) RMSNorm weights. Other families (Gemma2/3 with their extra norms and
-soft-capping, Phi, GPT-2, ...) are refused by Engine with a clear error; use
+Fast-path families (loading.FAST_PATH_FAMILIES): Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 and
+Gemma3 (text): a pre-norm block `h + attn(norm1(h))`, `h + mlp(norm2(h))` with RoPE, GQA, optional
+q/k norms (Qwen3, Gemma3), per-layer sliding windows (Mistral; Qwen2/Qwen3/Gemma2/Gemma3
+layer_types), Gemma's sqrt(D)-scaled embedding and (1 + w) RMSNorm weights; Gemma2/3's "sandwich"
+norms on the attention and MLP outputs, soft-capped attention scores and logits (Gemma2), and one
+RoPE table per layer type (Gemma3: local base on sliding layers, global on full ones). Other
+families (Phi, GPT-2, multimodal Gemma3, ...) are refused by Engine with a clear error; use
 hf_reference.hf_generate_steered for them (slow, hook-based). Rotary types whose table depends
 on the sequence length (dynamic NTK) are refused too.
 
@@ -27,6 +29,7 @@ every running request.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import time
@@ -212,6 +215,18 @@ def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xs.to(x.dtype)
 
 
+def _attention(q, k, v, mask, scale: float, softcap: float | None):
+    """scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), or, for soft-capped
+    scores (Gemma2), HF's eager order: (q k^T * scale) -> cap * tanh(. / cap) -> + mask -> softmax
+    in fp32 -> p v. mask: additive float or boolean (True = attend), broadcastable to the scores."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 _M32 = 0xFFFFFFFF
 
 
@@ -236,20 +251,46 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Te
     return -torch.log(-torch.log(u))
 
 
+GEMMA_NORM_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+
+def _norm_weight(module, family: str, dtype):
+    """The RMSNorm's weight as _rmsnorm and the fused kernel apply it: Gemma's norms scale by
+    (1 + w), precomputed here once."""
+    if family in GEMMA_NORM_FAMILIES:
+        return (1.0 + module.weight.float()).to(dtype)
+    return module.weight
+
+
+def _norm_eps(module) -> float:
+    return float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+
 class _Layer:
     """What the loop needs from one HF decoder layer (views of its weights, its submodules)."""
 
-    def __init__(self, block, config, family: str, fuse: bool, dtype, prepack: bool):
+    def __init__(self, block, config, family: str, fuse: bool, dtype, prepack: bool, rope_key):
         attn, mlp = block.self_attn, block.mlp
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = float(attn.scaling)
-        gemma = family == "gemma"
-        self.norm1_w = (1.0 + block.input_layernorm.weight.float()).to(dtype) if gemma else block.input_layernorm.weight
-        self.norm2_w = (1.0 + block.post_attention_layernorm.weight.float()).to(dtype) if gemma else block.post_attention_layernorm.weight
-        self.eps1 = float(getattr(block.input_layernorm, "variance_epsilon", getattr(block.input_layernorm, "eps", 1e-6)))
-        self.eps2 = float(getattr(block.post_attention_layernorm, "variance_epsilon", getattr(block.post_attention_layernorm, "eps", 1e-6)))
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)
+        self.rope_key = rope_key  # which of Engine.rope's tables this layer rotates with
+
+        def norm(module):
+            return _norm_weight(module, family, dtype), _norm_eps(module)
+
+        self.norm1_w, self.eps1 = norm(block.input_layernorm)
+        if hasattr(block, "pre_feedforward_layernorm"):
+            # Gemma2/3: post_attention_layernorm normalises the attention output (before the
+            # residual add); the MLP's input norm is pre_feedforward_layernorm.
+            self.post_attn = norm(block.post_attention_layernorm)
+            self.norm2_w, self.eps2 = norm(block.pre_feedforward_layernorm)
+            self.post_mlp = norm(block.post_feedforward_layernorm)
+        else:
+            self.post_attn = self.post_mlp = None
+            self.norm2_w, self.eps2 = norm(block.post_attention_layernorm)
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         window = getattr(attn, "sliding_window", None)
@@ -329,9 +370,17 @@ class Engine:
                 f"Engine: model family {family!r} is not on the fast path ({', '.join(FAST_PATH_FAMILIES)}); "
                 "use welfare_server.model.hf_reference for hook-based steering of other families")
         rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
-            raise NotImplementedError(f"Engine: rope_type {rope.get('rope_type')!r} depends on the "
-                                      "sequence length; not supported on the fast path")
+        # One parameter dict, or (Gemma3) one per layer type.
+        rope_dicts = [rope] if "rope_type" in rope or "type" in rope or not all(
+            isinstance(v, dict) for v in rope.values()) else list(rope.values())
+        for params in rope_dicts:
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            if rope_type in ("dynamic", "longrope"):
+                raise NotImplementedError(f"Engine: rope_type {rope_type!r} depends on the "
+                                          "sequence length; not supported on the fast path")
+        if getattr(hf_cfg, "use_bidirectional_attention", False):
+            raise NotImplementedError("Engine: use_bidirectional_attention (an encoder variant) is not "
+                                      "a causal LM; not supported on the fast path")
         if cfg.max_terms_per_row < 1 or cfg.max_terms_per_row > MAX_TERMS:
             raise ValueError(f"EngineConfig.max_terms_per_row must be in [1, {MAX_TERMS}] (kernel limit)")
         if not isinstance(cfg.prefill_chunk_tokens, int) or cfg.prefill_chunk_tokens < 1:
@@ -348,25 +397,34 @@ class Engine:
         if family == "gemma" and not hasattr(self.embed, "embed_scale"):
             # On the device: a host->device copy per step would sync inside CUDA-graph capture.
             self.embed_scale = torch.tensor(hf_cfg.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
-        self.layers = [_Layer(b, hf_cfg, family, cfg.fuse_weights, self.dtype, cfg.cpu_prepack) for b in inner.layers]
+        # Gemma3's rotary module keeps one table per layer type (forward(x, pos, layer_type)).
+        rope_per_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+        rope_keys = [hf_cfg.layer_types[i] if rope_per_type else None for i in range(len(inner.layers))]
+        self.layers = [_Layer(b, hf_cfg, family, cfg.fuse_weights, self.dtype, cfg.cpu_prepack, key)
+                       for b, key in zip(inner.layers, rope_keys)]
         self.L = len(self.layers)
         self.D = hf_cfg.hidden_size
-        self.final_w = (1.0 + inner.norm.weight.float()).to(self.dtype) if family == "gemma" else inner.norm.weight
-        self.final_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))
+        self.final_w = _norm_weight(inner.norm, family, self.dtype)
+        self.final_eps = _norm_eps(inner.norm)
+        self.final_softcap = getattr(hf_cfg, "final_logit_softcapping", None)
         self.lm_head = make_linear(model.lm_head.weight, getattr(model.lm_head, "bias", None),
                                    prepack=cfg.cpu_prepack)
         self.vocab = self.lm_head.out_features
         l0 = self.layers[0]
         S, T = cfg.max_batch_slots, cfg.max_context_len
         dev = self.device
+        # RoPE tables for every position, computed once by the model's own rotary module
+        # (identical elementwise maths to calling it per step): key -> (cos, sin, signed sin)
+        # [T, head_dim], one key per layer type where the model has several (Gemma3), else None.
+        self.rope = {}
         with torch.inference_mode():
-            # RoPE table for every position, computed once by the model's own rotary module
-            # (identical elementwise maths to calling it per step).
             pos = torch.arange(T, device=dev)[None]
-            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=dev), pos)
-        self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [T, head_dim]
-        h2 = self.sin.shape[-1] // 2
-        self.sin_signed = torch.cat((-self.sin[:, :h2], self.sin[:, h2:]), dim=-1)
+            probe = torch.zeros(1, dtype=self.dtype, device=dev)
+            for key in dict.fromkeys(rope_keys):
+                cos, sin = inner.rotary_emb(probe, pos) if key is None else inner.rotary_emb(probe, pos, key)
+                cos, sin = cos[0].clone(), sin[0].clone()
+                h2 = sin.shape[-1] // 2
+                self.rope[key] = (cos, sin, torch.cat((-sin[:, :h2], sin[:, h2:]), dim=-1))
         # KV cache [L, S, kv_heads, T, head_dim]: all memory the engine will ever use for it.
         self.k_cache = torch.zeros(self.L, S, l0.n_kv, T, l0.head_dim, dtype=self.dtype, device=dev)
         self.v_cache = torch.zeros_like(self.k_cache)
@@ -610,7 +668,10 @@ class Engine:
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(_rmsnorm(h, self.final_w, self.final_eps)).float()
+        logits = self.lm_head(_rmsnorm(h, self.final_w, self.final_eps))
+        if self.final_softcap is not None:  # Gemma2, in the model's dtype as HF does it
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
 
     def _steer_point(self, h, tables, layer, point, mon, mon_out):
         """Apply (layer, point) terms to h [T, D]; returns h. tables: dict or None."""
@@ -621,10 +682,11 @@ class Engine:
             mon_out[(layer, point)] = h.float() @ self.monitor_bank.tensor.t()
         return h
 
-    def _forward(self, h, attend, tables, cs, mon=None, mon_out=None):
-        """The layer stack on h [T, D]. cs: _rope_tables of the T positions.
+    def _forward(self, h, attend, tables, rope, mon=None, mon_out=None):
+        """The layer stack on h [T, D]. rope: _rope_tables of the T positions.
         attend(layer_idx, layer, q, k, v) -> [T, H*hd], q/k already rotated."""
         for i, lay in enumerate(self.layers):
+            cs = rope[lay.rope_key]
             t_in = tables.get((i, BLOCK_INPUT)) if tables else None
             if t_in is not None:
                 h, x, _ = steer_rmsnorm(h, self.bank.tensor, *t_in, lay.norm1_w, lay.eps1, check_values=False)
@@ -649,9 +711,14 @@ class Engine:
                     q = lay.q_norm(q)
                     k = lay.k_norm(k)
                 q, k = self._rope(q, k, cs)
-            a = attend(i, lay, q, k, v)
-            h = h + lay.o(a)
-            h = h + lay.mlp(_rmsnorm(h, lay.norm2_w, lay.eps2))
+            a = lay.o(attend(i, lay, q, k, v))
+            if lay.post_attn is not None:
+                a = _rmsnorm(a, *lay.post_attn)
+            h = h + a
+            m = lay.mlp(_rmsnorm(h, lay.norm2_w, lay.eps2))
+            if lay.post_mlp is not None:
+                m = _rmsnorm(m, *lay.post_mlp)
+            h = h + m
             h = self._steer_point(h, tables, i, BLOCK_OUTPUT, mon, mon_out)
         return h
 
@@ -660,8 +727,9 @@ class Engine:
         return torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
     def _rope_tables(self, pos):
-        """cos/sin/signed sin [T, 1, hd] for positions pos, gathered once per step (not per layer)."""
-        return self.cos[pos][:, None, :], self.sin[pos][:, None, :], self.sin_signed[pos][:, None, :]
+        """Per rope key, cos/sin/signed sin [T, 1, hd] for positions pos, gathered once per step
+        (not per layer)."""
+        return {key: tuple(t[pos][:, None, :] for t in tables) for key, tables in self.rope.items()}
 
     @staticmethod
     def _rope(q, k, cs):
@@ -766,7 +834,7 @@ class Engine:
             g, hd = lay.n_heads // lay.n_kv, lay.head_dim
             # GQA without repeating K/V: the g query heads of a kv head become g query rows per token.
             qg = q.view(A, T, lay.n_kv, g, hd).transpose(1, 2).reshape(A, lay.n_kv, T * g, hd)
-            o = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask_for(lay.window, g), scale=lay.scaling)
+            o = _attention(qg, K, V, mask_for(lay.window, g), lay.scaling, lay.softcap)
             return o.view(A, lay.n_kv, T, g, hd).transpose(1, 2).reshape(A * T, lay.n_heads * hd)
 
         # Per-token term tables: each row's terms on the chunk's tokens its scope covers, -1 elsewhere.
@@ -838,7 +906,7 @@ class Engine:
             g = lay.n_heads // lay.n_kv
             # GQA without repeating K/V: the g query heads of a kv head become g query rows.
             qg = q.view(B, lay.n_kv, g, lay.head_dim)
-            o = F.scaled_dot_product_attention(qg, K, V, attn_mask=mask_for(lay.window), scale=lay.scaling)
+            o = _attention(qg, K, V, mask_for(lay.window), lay.scaling, lay.softcap)
             return o.reshape(B, lay.n_heads * lay.head_dim)
 
         tables = self._decode_tables(slots, slot_list)
@@ -883,8 +951,7 @@ class Engine:
                 masks[lay.window] = self._additive_mask(m[:, None, None, :])
             g = lay.n_heads // lay.n_kv
             qg = q.view(B, lay.n_kv, g, lay.head_dim)
-            o = F.scaled_dot_product_attention(qg, kc[:B, :, :ctx], vc[:B, :, :ctx],
-                                               attn_mask=masks[lay.window], scale=lay.scaling)
+            o = _attention(qg, kc[:B, :, :ctx], vc[:B, :, :ctx], masks[lay.window], lay.scaling, lay.softcap)
             return o.reshape(B, lay.n_heads * lay.head_dim)
 
         tables = {}

@@ -23,7 +23,7 @@ BUNDLED_NAME = "smollm2-135m-instruct"
 """Name under which load_model finds the bundled SmolLM2-135M-Instruct."""
 
 # Families whose block layout the engine implements natively (model_type from config.json).
-FAST_PATH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+FAST_PATH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,11 @@ class RuntimeConfig:
     seed: int = 0
     """Seed of the random initialisation of the tiny presets (ignored for real checkpoints)."""
 
-    attn_implementation: str = "sdpa"
-    """Attention implementation HF uses for its own forward (the reference path); the engine
-    always runs its own attention."""
+    attn_implementation: str = "auto"
+    """Attention implementation HF uses for its own forward (the reference path): "auto" is eager
+    for models with soft-capped attention scores (Gemma2: SDPA cannot cap, and transformers 5.17
+    still picks SDPA for it, silently dropping the cap) and transformers' own choice otherwise;
+    or "sdpa" / "eager". The engine always runs its own attention."""
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
         if self.device == "auto":
@@ -78,6 +80,21 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                        use_sliding_window=True, sliding_window=24, max_window_layers=2)),
     "tiny-qwen3": ("Qwen3Config", dict(_TINY_COMMON, tie_word_embeddings=True)),
     "tiny-gemma": ("GemmaConfig", dict(_TINY_COMMON, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    # Gemma2: sandwich norms around attention and MLP, sliding/full layers alternating, attention
+    # scaled by query_pre_attn_scalar (not head_dim), and soft-capped attention and final logits.
+    # The caps are far below the real 50/30, and the weights 7.5x the usual init scale, so that
+    # scores and logits reach the caps: leaving one out changes the tokens or the logprobs.
+    "tiny-gemma2": ("Gemma2Config", dict(_TINY_COMMON, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                         sliding_window=24, query_pre_attn_scalar=32, initializer_range=0.15,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # Gemma3 (text): Gemma2's layout without soft-capping, plus q/k norms and one RoPE per layer
+    # type (local base on sliding layers; a linearly scaled global base on full ones).
+    "tiny-gemma3": ("Gemma3TextConfig", dict(
+        _TINY_COMMON, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, sliding_window=24,
+        query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
     # The SmolLM2-135M shape with random weights: what the benchmark measures.
     "smollm2-135m-random": ("LlamaConfig", dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -128,6 +145,13 @@ def _build_config(preset: str, **overrides):
     return cls(**kwargs)
 
 
+def _attn_implementation(runtime: RuntimeConfig, config) -> str | None:
+    """What to ask transformers for (None: its default). See RuntimeConfig.attn_implementation."""
+    if runtime.attn_implementation != "auto":
+        return runtime.attn_implementation
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
+
+
 def load_model(name_or_path: str | os.PathLike, runtime: RuntimeConfig | None = None, *,
                dtype: str | None = None, device: str | None = None, **config_overrides) -> LoadedModel:
     """Load a preset name, "smollm2-135m-instruct" or a local HF directory.
@@ -146,12 +170,11 @@ def load_model(name_or_path: str | os.PathLike, runtime: RuntimeConfig | None = 
     tokenizer_dir = None
     if name in PRESETS:
         cfg = _build_config(name, **config_overrides)
-        cfg._attn_implementation = runtime.attn_implementation
+        attn = _attn_implementation(runtime, cfg)
         # Seeded CPU init, then cast/move: the same preset+seed gives the same weights anywhere.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(runtime.seed)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
-                                                     attn_implementation=runtime.attn_implementation)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
     else:
         if config_overrides:
             raise ValueError("config overrides apply to presets only")
@@ -166,8 +189,10 @@ def load_model(name_or_path: str | os.PathLike, runtime: RuntimeConfig | None = 
                     f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}, {BUNDLED_NAME}) "
                     "nor a local Hugging Face directory with a config.json")
         tokenizer_dir = str(path)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt,
-                                                     attn_implementation=runtime.attn_implementation)
+        from transformers import AutoConfig
+
+        attn = _attn_implementation(runtime, AutoConfig.from_pretrained(str(path)))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=attn)
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, name=name, device=dev, dtype=dt, _tokenizer_dir=tokenizer_dir)
