@@ -38,8 +38,7 @@ def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
-                            out=None, normed_out=None, monitor=None, monitor_post=True,
-                         tuning: LaunchTuning | None = None):
+                            out=None, normed_out=None, monitor=None, monitor_post=True):
     # The steer reference does the steering; the norm is applied to what it stored.
     steered, proj = steer_reference(hidden, bank, term_vector, term_coef, term_mode, out=out,
                                     monitor=monitor, monitor_post=monitor_post)
@@ -54,23 +53,34 @@ def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, nor
 if HAS_TRITON:
 
     @triton.jit
+    def _normed_chunk(n_ptr, stride_n, w_ptr, rows, offs, dmask, mask2, stored, inv_rms):
+        # LlamaRMSNorm's rounding: normalise in fp32, round to the row's dtype, then scale by w.
+        xn = (stored.to(tl.float32) * inv_rms[:, None]).to(stored.dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(n_ptr + rows[:, None] * stride_n + offs[None, :], (w[None, :] * xn).to(n_ptr.dtype.element_ty),
+                 mask=mask2)
+
+    @triton.jit
     def _steer_rmsnorm_kernel(h_ptr, stride_h, out_ptr, stride_o, n_ptr, stride_n, w_ptr, eps,
                               bank_ptr, stride_bk, K, tv_ptr, tc_ptr, tm_ptr,
                               mon_ptr, stride_mm, proj_ptr, T, D,
                               NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
-                              INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                              INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
+                              BLOCK_B: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        offs = tl.arange(0, BLOCK_D)
-        stored, mask2, dmask = _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K,
-                                           tv_ptr, tc_ptr, tm_ptr, mon_ptr, stride_mm, proj_ptr, rows,
-                                           offs, T, D, NT, M, MONITOR_POST, INPLACE)
+        stored_a, stored_b, offs_a, offs_b, mask_a, mask_b, dmask_a, dmask_b = _steer_rows(
+            h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr, tm_ptr, mon_ptr,
+            stride_mm, proj_ptr, rows, T, D, NT, M, MONITOR_POST, INPLACE, BLOCK_A, BLOCK_B)
         # RMSNorm of the stored row, as LlamaRMSNorm computes it (see module doc).
-        xs = stored.to(tl.float32)
-        var = tl.sum(xs * xs, axis=1) / D
-        xn = (xs * (1.0 / tl.sqrt(var + eps))[:, None]).to(stored.dtype).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
-        tl.store(n_ptr + rows[:, None] * stride_n + offs[None, :],
-                 (w[None, :] * xn).to(n_ptr.dtype.element_ty), mask=mask2)
+        xs_a = stored_a.to(tl.float32)
+        sum_sq = tl.sum(xs_a * xs_a, axis=1)
+        if BLOCK_B > 0:
+            xs_b = stored_b.to(tl.float32)
+            sum_sq += tl.sum(xs_b * xs_b, axis=1)
+        inv_rms = 1.0 / tl.sqrt(sum_sq / D + eps)
+        _normed_chunk(n_ptr, stride_n, w_ptr, rows, offs_a, dmask_a, mask_a, stored_a, inv_rms)
+        if BLOCK_B > 0:
+            _normed_chunk(n_ptr, stride_n, w_ptr, rows, offs_b, dmask_b, mask_b, stored_b, inv_rms)
 
 
 def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
@@ -87,11 +97,11 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
             raise ValueError("normed_out needs unit stride along D")
     if T == 0:
         return b["out"], normed_out, b["proj"]
-    ROWS, BLOCK_D, num_warps = launch_config(D, T, tuning)
+    ROWS, BLOCK_A, BLOCK_B, num_warps = launch_config(D, T, tuning)
     _steer_rmsnorm_kernel[(triton.cdiv(T, ROWS),)](
         b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), normed_out, normed_out.stride(0),
         norm_weight.contiguous(), float(eps), b["bank"], b["bank"].stride(0), b["bank"].shape[0],
         b["tv"], b["tc"], b["tm"], b["mon_arg"], b["mon_stride"], b["proj_arg"], T, D,
         NT=b["tv"].shape[1], M=b["M"], MONITOR_POST=bool(monitor_post), INPLACE=b["inplace"],
-        ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps)
+        ROWS=ROWS, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, num_warps=num_warps)
     return b["out"], normed_out, b["proj"]
