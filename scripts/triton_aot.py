@@ -113,7 +113,7 @@ def recording(sink: list, shape: str, D: int):
 
 
 def record_launches(shapes, dtypes, term_counts, monitor_counts) -> list[Launch]:
-    """Call each wrapper on meta tensors for every combination; keep one launch per distinct
+    """Call each wrapper (and the norm-only rmsnorm) on meta tensors for every combination; keep one launch per distinct
     (kernel, constexprs, options, argument dtypes)."""
     launches: list[Launch] = []
     for T, D in shapes:
@@ -142,6 +142,7 @@ def _call_wrappers(T: int, D: int, dtype: torch.dtype, nt: int, m: int) -> None:
         STEER.steer_triton(h, bank, tv, tc, tm, out=h if inplace else None, monitor=mon)
         STEER_RMSNORM.steer_rmsnorm_triton(h, bank, tv, tc, tm, torch.empty(D, dtype=dtype, **meta), 1e-5,
                                            out=h if inplace else None, monitor=mon)
+    STEER_RMSNORM.rmsnorm_triton(h, torch.empty(D, dtype=dtype, **meta), 1e-5)  # the norm-only pass (NT=0)
     labels = torch.empty(T, dtype=torch.int64, **meta)
     for classes in (2, 64):  # both capture strategies: the unrolled class loop and per-row atomics
         CAPTURE.capture_triton(h, labels, torch.empty(classes, D, dtype=torch.float32, **meta),

@@ -3,7 +3,7 @@ so fused equals unfused (steer, then the next block's input norm)."""
 import pytest
 import torch
 
-from welfare_server.kernels import rmsnorm_reference, steer, steer_rmsnorm
+from welfare_server.kernels import rmsnorm, rmsnorm_reference, steer, steer_rmsnorm
 from _helpers import (DEVICE, DTYPES, ON_GPU, assert_rows_close, make_steer_case,
                       oracle_steer, same_bits)
 
@@ -63,3 +63,23 @@ def test_rmsnorm_reference_matches_llama_formula():
     xs = x.float()
     want = w * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     assert torch.equal(rmsnorm_reference(x, w, 1e-6), want)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_rmsnorm_alone_equals_llama_rmsnorm_and_leaves_hidden(case, impl):
+    """rmsnorm(): the norm-only pass (the engine's unsteered norms) computes LlamaRMSNorm and never
+    writes hidden, also from a row-strided view."""
+    T, D, dtype = case
+    big = torch.randn(T, 2 * D, generator=torch.Generator().manual_seed(T + D)).to(dtype).to(DEVICE) * 3
+    hidden = big[:, :D]  # row stride 2D: not contiguous
+    w = (torch.rand(D) + 0.5).to(dtype).to(DEVICE)
+    before = big.clone()
+    got = rmsnorm(hidden, w, 1e-5, use_triton=(impl == "triton"))
+    assert got.shape == (T, D) and got.dtype == dtype
+    assert_rows_close(got, rmsnorm_reference(hidden, w, 1e-5).double(), dtype, "rmsnorm")
+    assert same_bits(big, before)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        rmsnorm(hidden, w[:-1], 1e-5, use_triton=(impl == "triton"))
+    with pytest.raises(ValueError, match="eps"):
+        rmsnorm(hidden, w, float("nan"), use_triton=(impl == "triton"))

@@ -19,11 +19,11 @@ from welfare_server.kernels._checks import validate_terms
 from welfare_server.kernels.capture import capture_reference, capture_triton
 from welfare_server.kernels.modes import MAX_MONITORS, MAX_PROJ, MAX_TERMS, MAX_TRITON_D, SteerMode
 from welfare_server.kernels.steer import HAS_TRITON, steer_reference, steer_triton
-from welfare_server.kernels.steer_rmsnorm import (rmsnorm_reference, steer_rmsnorm_reference,
-                                                  steer_rmsnorm_triton)
+from welfare_server.kernels.steer_rmsnorm import (rmsnorm_cpu, rmsnorm_reference, rmsnorm_triton,
+                                                  steer_rmsnorm_reference, steer_rmsnorm_triton)
 
 __all__ = ["SteerMode", "MAX_TERMS", "MAX_MONITORS", "MAX_PROJ", "MAX_TRITON_D", "steer",
-           "steer_rmsnorm", "capture", "validate_terms", "steer_reference",
+           "steer_rmsnorm", "rmsnorm", "capture", "validate_terms", "steer_reference",
            "steer_rmsnorm_reference", "capture_reference", "rmsnorm_reference", "HAS_TRITON"]
 
 
@@ -67,15 +67,7 @@ def steer_rmsnorm(hidden, bank, term_vector, term_coef, term_mode, norm_weight, 
     Returns (steered [T,D], normed [T,D] of promote(hidden.dtype, norm_weight.dtype), projections or None)."""
     _checks.check_terms(hidden, bank, term_vector, term_coef, term_mode, check_values)
     _checks.check_monitor(monitor, hidden)
-    D = hidden.shape[1]
-    if norm_weight.dim() != 1 or norm_weight.shape[0] != D:
-        raise ValueError(f"norm_weight must be [D={D}], got shape {tuple(norm_weight.shape)}")
-    if norm_weight.dtype not in _checks.FLOAT_DTYPES:
-        raise ValueError(f"norm_weight dtype must be float32/bfloat16/float16, got {norm_weight.dtype}")
-    if norm_weight.device != hidden.device:
-        raise ValueError(f"norm_weight is on {norm_weight.device} but hidden is on {hidden.device}")
-    if not (isinstance(eps, (int, float)) and eps >= 0 and eps == eps and eps != float("inf")):
-        raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
+    _checks.check_norm(hidden, norm_weight, eps)
     if out is not None and not _checks.is_inplace(out, hidden):
         _checks.check_out(out, hidden)
     if normed_out is not None:
@@ -83,6 +75,17 @@ def steer_rmsnorm(hidden, bank, term_vector, term_coef, term_mode, norm_weight, 
     fn = steer_rmsnorm_triton if _use_triton(use_triton, hidden, True) else steer_rmsnorm_reference
     return fn(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, out=out,
               normed_out=normed_out, monitor=monitor, monitor_post=monitor_post)
+
+
+def rmsnorm(hidden, norm_weight, eps, *, use_triton=None):
+    """LlamaRMSNorm of hidden [T, D]: norm_weight * (h.float() * rsqrt(mean(h^2) + eps)).to(h.dtype),
+    in promote(hidden.dtype, norm_weight.dtype). On CUDA one Triton pass (the steer_rmsnorm kernel
+    with no terms: it reads each row once and writes only the normed row), where eager PyTorch
+    takes about seven launches in half precision."""
+    _checks.check_hidden(hidden)
+    _checks.check_norm(hidden, norm_weight, eps)
+    fn = rmsnorm_triton if _use_triton(use_triton, hidden, True) else rmsnorm_cpu
+    return fn(hidden, norm_weight, eps)
 
 
 def capture(hidden, labels, sums, counts, *, proj_vectors=None, use_triton=None, check_values=None):

@@ -50,6 +50,19 @@ def check_vectors(vec: torch.Tensor, hidden: torch.Tensor, name: str, max_rows: 
         raise ValueError(f"{name} has {vec.shape[0]} rows; at most {max_rows} are supported")
 
 
+def check_norm(hidden: torch.Tensor, norm_weight: torch.Tensor, eps) -> None:
+    """An RMSNorm's weight [D] (float, hidden's device) and eps (finite, >= 0)."""
+    D = hidden.shape[1]
+    if norm_weight.dim() != 1 or norm_weight.shape[0] != D:
+        raise ValueError(f"norm_weight must be [D={D}], got shape {tuple(norm_weight.shape)}")
+    if norm_weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"norm_weight dtype must be float32/bfloat16/float16, got {norm_weight.dtype}")
+    if norm_weight.device != hidden.device:
+        raise ValueError(f"norm_weight is on {norm_weight.device} but hidden is on {hidden.device}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and eps == eps and eps != float("inf")):
+        raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
+
+
 def check_out(out: torch.Tensor, hidden: torch.Tensor, name: str = "out", dtype=None) -> None:
     dtype = hidden.dtype if dtype is None else dtype
     if out.shape != hidden.shape:

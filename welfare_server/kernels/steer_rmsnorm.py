@@ -13,6 +13,7 @@ promote(hidden.dtype, weight.dtype), again as LlamaRMSNorm returns it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from welfare_server.kernels._checks import check_out
 from welfare_server.kernels.steer import (HAS_TRITON, LaunchTuning, _launch_buffers, launch_config,
@@ -35,6 +36,14 @@ def rmsnorm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     var = xs.pow(2).mean(-1, keepdim=True)
     xs = xs * torch.rsqrt(var + eps)
     return weight * xs.to(h.dtype)
+
+
+def rmsnorm_cpu(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm_reference on the CPU path: in fp32 the same maths as one fused op (6 eager ops ->
+    1: ~1 ms per decode step at 30 layers on the dev CPU)."""
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(h, (h.shape[-1],), weight, eps)
+    return rmsnorm_reference(h, weight, eps)
 
 
 def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
@@ -105,3 +114,14 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
         NT=b["tv"].shape[1], M=b["M"], MONITOR_POST=bool(monitor_post), INPLACE=b["inplace"],
         ROWS=ROWS, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, num_warps=num_warps)
     return b["out"], normed_out, b["proj"]
+
+
+def rmsnorm_triton(hidden, norm_weight, eps, *, tuning: LaunchTuning | None = None):
+    """The steer_rmsnorm kernel with an empty term table, in place: no row is steered, so none is
+    written back, and the pass is one read of h and one write of the normed rows."""
+    T = hidden.shape[0]
+    h = hidden if hidden.stride(1) == 1 or hidden.shape[1] <= 1 else hidden.contiguous()
+    no_terms = torch.empty((T, 0), dtype=torch.int32, device=hidden.device)
+    _, normed, _ = steer_rmsnorm_triton(h, h, no_terms, no_terms.float(), no_terms, norm_weight, eps,
+                                        out=h, tuning=tuning)
+    return normed

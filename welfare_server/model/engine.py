@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from welfare_server.kernels import MAX_TERMS, steer, steer_rmsnorm
+from welfare_server.kernels import MAX_TERMS, rmsnorm, steer, steer_rmsnorm
 from welfare_server.model.cpu_linear import make_linear
 from welfare_server.model.loading import FAST_PATH_FAMILIES, LoadedModel
 from welfare_server.model.prompts import render_chat
@@ -205,16 +205,6 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm semantics (what the fused kernel computes for the steered rows)."""
-    if x.dtype == torch.float32 and w.dtype == torch.float32:
-        # Same maths in one fused op (6 eager ops -> 1: ~1 ms/step at 30 layers on CPU).
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    xs = x.float()
-    xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xs.to(x.dtype)
-
-
 def _attention(q, k, v, mask, scale: float, softcap: float | None):
     """scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), or, for soft-capped
     scores (Gemma2), HF's eager order: (q k^T * scale) -> cap * tanh(. / cap) -> + mask -> softmax
@@ -255,7 +245,7 @@ GEMMA_NORM_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 
 
 def _norm_weight(module, family: str, dtype):
-    """The RMSNorm's weight as _rmsnorm and the fused kernel apply it: Gemma's norms scale by
+    """The RMSNorm's weight as kernels.rmsnorm and steer_rmsnorm apply it: Gemma's norms scale by
     (1 + w), precomputed here once."""
     if family in GEMMA_NORM_FAMILIES:
         return (1.0 + module.weight.float()).to(dtype)
@@ -668,7 +658,7 @@ class Engine:
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(_rmsnorm(h, self.final_w, self.final_eps))
+        logits = self.lm_head(rmsnorm(h, self.final_w, self.final_eps))
         if self.final_softcap is not None:  # Gemma2, in the model's dtype as HF does it
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -691,7 +681,7 @@ class Engine:
             if t_in is not None:
                 h, x, _ = steer_rmsnorm(h, self.bank.tensor, *t_in, lay.norm1_w, lay.eps1, check_values=False)
             else:
-                x = _rmsnorm(h, lay.norm1_w, lay.eps1)
+                x = rmsnorm(h, lay.norm1_w, lay.eps1)
             if mon is not None and (i, BLOCK_INPUT) in mon:
                 mon_out[(i, BLOCK_INPUT)] = h.float() @ self.monitor_bank.tensor.t()
             T = h.shape[0]
@@ -713,11 +703,11 @@ class Engine:
                 q, k = self._rope(q, k, cs)
             a = lay.o(attend(i, lay, q, k, v))
             if lay.post_attn is not None:
-                a = _rmsnorm(a, *lay.post_attn)
+                a = rmsnorm(a, *lay.post_attn)
             h = h + a
-            m = lay.mlp(_rmsnorm(h, lay.norm2_w, lay.eps2))
+            m = lay.mlp(rmsnorm(h, lay.norm2_w, lay.eps2))
             if lay.post_mlp is not None:
-                m = _rmsnorm(m, *lay.post_mlp)
+                m = rmsnorm(m, *lay.post_mlp)
             h = h + m
             h = self._steer_point(h, tables, i, BLOCK_OUTPUT, mon, mon_out)
         return h
