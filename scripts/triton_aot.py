@@ -143,6 +143,9 @@ def _call_wrappers(T: int, D: int, dtype: torch.dtype, nt: int, m: int) -> None:
         STEER_RMSNORM.steer_rmsnorm_triton(h, bank, tv, tc, tm, torch.empty(D, dtype=dtype, **meta), 1e-5,
                                            out=h if inplace else None, monitor=mon)
     STEER_RMSNORM.rmsnorm_triton(h, torch.empty(D, dtype=dtype, **meta), 1e-5)  # the norm-only pass (NT=0)
+    STEER_RMSNORM.add_rmsnorm_triton(h, torch.empty_like(h), torch.empty(D, dtype=dtype, **meta), 1e-5)
+    STEER_RMSNORM.steer_rmsnorm_triton(h, bank, tv, tc, tm, torch.empty(D, dtype=dtype, **meta), 1e-5,
+                                       residual=torch.empty_like(h))
     labels = torch.empty(T, dtype=torch.int64, **meta)
     for classes in (2, 64):  # both capture strategies: the unrolled class loop and per-row atomics
         CAPTURE.capture_triton(h, labels, torch.empty(classes, D, dtype=torch.float32, **meta),

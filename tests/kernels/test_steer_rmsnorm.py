@@ -3,7 +3,7 @@ so fused equals unfused (steer, then the next block's input norm)."""
 import pytest
 import torch
 
-from welfare_server.kernels import rmsnorm, rmsnorm_reference, steer, steer_rmsnorm
+from welfare_server.kernels import add_rmsnorm, rmsnorm, rmsnorm_reference, steer, steer_rmsnorm
 from _helpers import (DEVICE, DTYPES, ON_GPU, assert_rows_close, make_steer_case,
                       oracle_steer, same_bits)
 
@@ -83,3 +83,53 @@ def test_rmsnorm_alone_equals_llama_rmsnorm_and_leaves_hidden(case, impl):
         rmsnorm(hidden, w[:-1], 1e-5, use_triton=(impl == "triton"))
     with pytest.raises(ValueError, match="eps"):
         rmsnorm(hidden, w, float("nan"), use_triton=(impl == "triton"))
+
+
+def assert_same_sum(got, want, impl):
+    """The kernels round hidden + residual as torch does (fp32 add, one rounding): bit for bit,
+    except under the CPU interpreter, whose fp32 -> bf16 cast truncates instead of rounding to
+    nearest even (then within one bf16 step)."""
+    if impl == "triton" and not ON_GPU and want.dtype == torch.bfloat16:
+        ulp = want.float().abs().clamp_min(1e-30) * 2.0 ** -7
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+    else:
+        assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_residual_is_added_before_steering(case, impl, inplace):
+    """steer_rmsnorm(h, ..., residual=r) = steer_rmsnorm(h + r, ...) (the sum rounded in hidden's
+    dtype), and every row is written, the untouched ones as exactly h + r."""
+    T, D, dtype = case
+    hidden, bank, tv, tc, tm = make_steer_case(T, D, dtype, seed=3 * T + D + int(inplace))
+    residual = torch.randn(T, D, generator=torch.Generator().manual_seed(D)).to(dtype).to(DEVICE)
+    w = (torch.rand(D) + 0.5).to(dtype).to(DEVICE)
+    # The sum as this implementation rounds it (see assert_same_sum), checked against torch's.
+    summed, _ = add_rmsnorm(hidden, residual, w, 1e-6, use_triton=(impl == "triton"))
+    assert_same_sum(summed, hidden + residual, impl)
+    untouched = (tv == -1).all(1).cpu()
+    out = hidden if inplace else torch.full_like(hidden, float("nan"))
+    s, n, _ = steer_rmsnorm(hidden, bank, tv, tc, tm, w, 1e-6, out=out, residual=residual,
+                            use_triton=(impl == "triton"))
+    assert s is out
+    assert_rows_close(s, oracle_steer(summed, bank, tv, tc, tm), dtype, "steered")
+    assert_same_sum(s.cpu()[untouched], summed.cpu()[untouched], impl)
+    assert_rows_close(n, rmsnorm_reference(s, w, 1e-6), dtype, "normed")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_add_rmsnorm(case, impl):
+    T, D, dtype = case
+    g = torch.Generator().manual_seed(T * D)
+    hidden, residual = (torch.randn(T, D, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    w = (torch.rand(D, generator=g) + 0.5).to(dtype).to(DEVICE)
+    orig = hidden.clone()
+    summed, normed = add_rmsnorm(hidden, residual, w, 1e-5, use_triton=(impl == "triton"))
+    assert_same_sum(summed, orig + residual, impl)
+    assert same_bits(hidden, orig)
+    assert_rows_close(normed, rmsnorm_reference(summed, w, 1e-5).double(), dtype, "normed")
+    with pytest.raises(ValueError, match="residual"):
+        add_rmsnorm(hidden, residual[:, :-1], w, 1e-5, use_triton=(impl == "triton"))

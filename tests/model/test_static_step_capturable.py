@@ -27,6 +27,8 @@ class _OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs: list[str] = []
+        self.residual_adds = 0
+        self.hidden_shape = None  # adds whose result has this shape count as residual adds
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -38,7 +40,10 @@ class _OpRecorder(TorchDispatchMode):
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices if i is not None):
                 self.syncs.append(name + " with a boolean index")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name == "aten::add" and isinstance(out, torch.Tensor) and tuple(out.shape) == self.hidden_shape:
+            self.residual_adds += 1
+        return out
 
 
 class _LaunchRecorder:
@@ -81,6 +86,7 @@ def test_static_step_has_no_host_sync_and_one_launch_per_point(get_model, gpu_ke
     eng.pos_buf[:4] = torch.tensor([3, 7, 0, 15])
     eng.ids_buf[:4] = torch.tensor([5, 9, 11, 13])
     recorder = _OpRecorder()
+    recorder.hidden_shape = (4, D)
     with torch.inference_mode(), recorder:
         logits = eng._static_step(4, 16, steer_in, steer_out)
     assert recorder.syncs == []
@@ -93,6 +99,11 @@ def test_static_step_has_no_host_sync_and_one_launch_per_point(get_model, gpu_ke
     assert launched.count("_steer_kernel") == (L if steer_out else 0)
     steered_norms = [kw for name, _, kw in gpu_kernel_path if name == "_steer_rmsnorm_kernel" and kw["NT"] > 0]
     assert len(steered_norms) == (L if steer_in else 0)
+    # Residual adds are folded into the norms after them (HAS_RES launches), except where a block's
+    # output is steered (h itself is needed there) and after the last layer.
+    folded = [kw for name, _, kw in gpu_kernel_path if name == "_steer_rmsnorm_kernel" and kw["HAS_RES"]]
+    assert len(folded) == (L if steer_out else 2 * L - 1)
+    assert recorder.residual_adds == (L if steer_out else 1)
     # One program row block covers the whole decode batch: a single launch per steered point.
     assert all(grid == (1,) for _, grid, _ in gpu_kernel_path)
 

@@ -19,11 +19,12 @@ from welfare_server.kernels._checks import validate_terms
 from welfare_server.kernels.capture import capture_reference, capture_triton
 from welfare_server.kernels.modes import MAX_MONITORS, MAX_PROJ, MAX_TERMS, MAX_TRITON_D, SteerMode
 from welfare_server.kernels.steer import HAS_TRITON, steer_reference, steer_triton
-from welfare_server.kernels.steer_rmsnorm import (rmsnorm_cpu, rmsnorm_reference, rmsnorm_triton,
-                                                  steer_rmsnorm_reference, steer_rmsnorm_triton)
+from welfare_server.kernels.steer_rmsnorm import (add_rmsnorm_cpu, add_rmsnorm_triton, rmsnorm_cpu,
+                                                  rmsnorm_reference, rmsnorm_triton, steer_rmsnorm_reference,
+                                                  steer_rmsnorm_triton)
 
 __all__ = ["SteerMode", "MAX_TERMS", "MAX_MONITORS", "MAX_PROJ", "MAX_TRITON_D", "steer",
-           "steer_rmsnorm", "rmsnorm", "capture", "validate_terms", "steer_reference",
+           "steer_rmsnorm", "rmsnorm", "add_rmsnorm", "capture", "validate_terms", "steer_reference",
            "steer_rmsnorm_reference", "capture_reference", "rmsnorm_reference", "HAS_TRITON"]
 
 
@@ -61,20 +62,23 @@ def steer(hidden, bank, term_vector, term_coef, term_mode, *, out=None, monitor=
 
 
 def steer_rmsnorm(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *, out=None,
-                  normed_out=None, monitor=None, monitor_post=True, use_triton=None,
+                  normed_out=None, monitor=None, monitor_post=True, residual=None, use_triton=None,
                   check_values=None):
     """steer(), then normed = LlamaRMSNorm(steered) * norm_weight in the same pass.
+    residual: optional [T,D] of hidden's dtype added first (`hidden + residual`, the decoder's
+    residual add folded into the same pass); then every row is written, steered or not.
     Returns (steered [T,D], normed [T,D] of promote(hidden.dtype, norm_weight.dtype), projections or None)."""
     _checks.check_terms(hidden, bank, term_vector, term_coef, term_mode, check_values)
     _checks.check_monitor(monitor, hidden)
     _checks.check_norm(hidden, norm_weight, eps)
+    _checks.check_residual(residual, hidden)
     if out is not None and not _checks.is_inplace(out, hidden):
         _checks.check_out(out, hidden)
     if normed_out is not None:
         _checks.check_out(normed_out, hidden, "normed_out", torch.promote_types(hidden.dtype, norm_weight.dtype))
     fn = steer_rmsnorm_triton if _use_triton(use_triton, hidden, True) else steer_rmsnorm_reference
     return fn(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, out=out,
-              normed_out=normed_out, monitor=monitor, monitor_post=monitor_post)
+              normed_out=normed_out, monitor=monitor, monitor_post=monitor_post, residual=residual)
 
 
 def rmsnorm(hidden, norm_weight, eps, *, use_triton=None):
@@ -86,6 +90,16 @@ def rmsnorm(hidden, norm_weight, eps, *, use_triton=None):
     _checks.check_norm(hidden, norm_weight, eps)
     fn = rmsnorm_triton if _use_triton(use_triton, hidden, True) else rmsnorm_cpu
     return fn(hidden, norm_weight, eps)
+
+
+def add_rmsnorm(hidden, residual, norm_weight, eps, *, use_triton=None):
+    """(hidden + residual, rmsnorm of it): the decoder's residual add and the next norm in one
+    pass on CUDA (reads both rows once, writes the sum and the normed row)."""
+    _checks.check_hidden(hidden)
+    _checks.check_norm(hidden, norm_weight, eps)
+    _checks.check_residual(residual, hidden)
+    fn = add_rmsnorm_triton if _use_triton(use_triton, hidden, True) else add_rmsnorm_cpu
+    return fn(hidden, residual, norm_weight, eps)
 
 
 def capture(hidden, labels, sums, counts, *, proj_vectors=None, use_triton=None, check_values=None):

@@ -63,6 +63,15 @@ def check_norm(hidden: torch.Tensor, norm_weight: torch.Tensor, eps) -> None:
         raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
 
 
+def check_residual(residual, hidden: torch.Tensor) -> None:
+    """A residual added to hidden before steering: hidden's shape, dtype and device."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+    check_out(residual, hidden, "residual")
+
+
 def check_out(out: torch.Tensor, hidden: torch.Tensor, name: str = "out", dtype=None) -> None:
     dtype = hidden.dtype if dtype is None else dtype
     if out.shape != hidden.shape:

@@ -149,21 +149,31 @@ if HAS_TRITON:
     def _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr,
                     tm_ptr, mon_ptr, stride_mm, proj_ptr, rows, T, D, NT: tl.constexpr,
                     M: tl.constexpr, MONITOR_POST: tl.constexpr, INPLACE: tl.constexpr,
-                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-        """One pass over a block of rows: load, apply the terms in fp32, project onto the monitors,
-        store. Returns, per chunk, the stored rows (hidden's dtype), their offsets and masks, for
-        fused epilogues (steer_rmsnorm reads the stored row without loading it again)."""
+                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, res_ptr, stride_r,
+                    HAS_RES: tl.constexpr):
+        """One pass over a block of rows: load (plus the residual row when HAS_RES, added in
+        hidden's dtype as `hidden + residual` rounds), apply the terms in fp32, project onto the
+        monitors, store. Returns, per chunk, the stored rows (hidden's dtype), their offsets and
+        masks, for fused epilogues (steer_rmsnorm reads the stored row without loading it again)."""
         rmask = rows < T
         offs_a = tl.arange(0, BLOCK_A)
         dmask_a = offs_a < D
         mask_a = rmask[:, None] & dmask_a[None, :]
         ha = tl.load(h_ptr + rows[:, None] * stride_h + offs_a[None, :], mask=mask_a, other=0.0)
+        if HAS_RES:
+            # As torch adds half-precision tensors: in fp32, rounded once (the interpreter also
+            # needs the explicit casts: it adds bf16 bit patterns otherwise).
+            ra = tl.load(res_ptr + rows[:, None] * stride_r + offs_a[None, :], mask=mask_a, other=0.0)
+            ha = (ha.to(tl.float32) + ra.to(tl.float32)).to(ha.dtype)
         xa0 = ha.to(tl.float32)
         if BLOCK_B > 0:
             offs_b = BLOCK_A + tl.arange(0, BLOCK_B)
             dmask_b = offs_b < D
             mask_b = rmask[:, None] & dmask_b[None, :]
             hb = tl.load(h_ptr + rows[:, None] * stride_h + offs_b[None, :], mask=mask_b, other=0.0)
+            if HAS_RES:
+                rb = tl.load(res_ptr + rows[:, None] * stride_r + offs_b[None, :], mask=mask_b, other=0.0)
+                hb = (hb.to(tl.float32) + rb.to(tl.float32)).to(hb.dtype)
             xb0 = hb.to(tl.float32)
         else:  # placeholders: nothing reads them when BLOCK_B = 0
             offs_b, dmask_b, mask_b, hb, xb0 = offs_a, dmask_a, mask_a, ha, xa0
@@ -191,7 +201,7 @@ if HAS_TRITON:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr,
                     tm_ptr, mon_ptr, stride_mm, proj_ptr, rows, T, D, NT, M, MONITOR_POST, INPLACE,
-                    BLOCK_A, BLOCK_B)
+                    BLOCK_A, BLOCK_B, h_ptr, 0, False)
 
 
 @dataclass(frozen=True)

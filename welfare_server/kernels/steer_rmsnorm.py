@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from welfare_server.kernels._checks import check_out
-from welfare_server.kernels.steer import (HAS_TRITON, LaunchTuning, _launch_buffers, launch_config,
-                                          steer_reference)
+from welfare_server.kernels.steer import (HAS_TRITON, LaunchTuning, _launch_buffers, _row_ready,
+                                          launch_config, steer_reference)
 
 if HAS_TRITON:
     import triton
@@ -47,7 +47,16 @@ def rmsnorm_cpu(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 
 def steer_rmsnorm_reference(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
-                            out=None, normed_out=None, monitor=None, monitor_post=True):
+                            out=None, normed_out=None, monitor=None, monitor_post=True, residual=None):
+    if residual is not None:
+        # hidden + residual in hidden's dtype is the row that is steered and normed; in place, it
+        # replaces hidden (every row, steered or not).
+        summed = hidden + residual
+        if out is hidden:
+            hidden.copy_(summed)
+        else:
+            hidden = summed
+            out = summed if out is None else out
     # The steer reference does the steering; the norm is applied to what it stored.
     steered, proj = steer_reference(hidden, bank, term_vector, term_coef, term_mode, out=out,
                                     monitor=monitor, monitor_post=monitor_post)
@@ -75,11 +84,12 @@ if HAS_TRITON:
                               mon_ptr, stride_mm, proj_ptr, T, D,
                               NT: tl.constexpr, M: tl.constexpr, MONITOR_POST: tl.constexpr,
                               INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
-                              BLOCK_B: tl.constexpr):
+                              BLOCK_B: tl.constexpr, res_ptr, stride_r, HAS_RES: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         stored_a, stored_b, offs_a, offs_b, mask_a, mask_b, dmask_a, dmask_b = _steer_rows(
             h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr, tm_ptr, mon_ptr,
-            stride_mm, proj_ptr, rows, T, D, NT, M, MONITOR_POST, INPLACE, BLOCK_A, BLOCK_B)
+            stride_mm, proj_ptr, rows, T, D, NT, M, MONITOR_POST, INPLACE, BLOCK_A, BLOCK_B, res_ptr,
+            stride_r, HAS_RES)
         # RMSNorm of the stored row, as LlamaRMSNorm computes it (see module doc).
         xs_a = stored_a.to(tl.float32)
         sum_sq = tl.sum(xs_a * xs_a, axis=1)
@@ -93,7 +103,7 @@ if HAS_TRITON:
 
 
 def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, *,
-                         out=None, normed_out=None, monitor=None, monitor_post=True,
+                         out=None, normed_out=None, monitor=None, monitor_post=True, residual=None,
                          tuning: LaunchTuning | None = None):
     T, D = hidden.shape
     b = _launch_buffers("steer_rmsnorm", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
@@ -107,21 +117,41 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
     if T == 0:
         return b["out"], normed_out, b["proj"]
     ROWS, BLOCK_A, BLOCK_B, num_warps = launch_config(D, T, tuning)
+    res = b["hidden"] if residual is None else _row_ready(residual)
     _steer_rmsnorm_kernel[(triton.cdiv(T, ROWS),)](
         b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), normed_out, normed_out.stride(0),
         norm_weight.contiguous(), float(eps), b["bank"], b["bank"].stride(0), b["bank"].shape[0],
         b["tv"], b["tc"], b["tm"], b["mon_arg"], b["mon_stride"], b["proj_arg"], T, D,
-        NT=b["tv"].shape[1], M=b["M"], MONITOR_POST=bool(monitor_post), INPLACE=b["inplace"],
-        ROWS=ROWS, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, num_warps=num_warps)
+        # With a residual every row changes, so every row is written (in place too).
+        NT=b["tv"].shape[1], M=b["M"], MONITOR_POST=bool(monitor_post),
+        INPLACE=b["inplace"] and residual is None, ROWS=ROWS, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B,
+        res_ptr=res, stride_r=res.stride(0), HAS_RES=residual is not None, num_warps=num_warps)
     return b["out"], normed_out, b["proj"]
 
 
 def rmsnorm_triton(hidden, norm_weight, eps, *, tuning: LaunchTuning | None = None):
     """The steer_rmsnorm kernel with an empty term table, in place: no row is steered, so none is
     written back, and the pass is one read of h and one write of the normed rows."""
-    T = hidden.shape[0]
-    h = hidden if hidden.stride(1) == 1 or hidden.shape[1] <= 1 else hidden.contiguous()
-    no_terms = torch.empty((T, 0), dtype=torch.int32, device=hidden.device)
+    h = _row_ready(hidden)
+    no_terms = _no_terms(h)
     _, normed, _ = steer_rmsnorm_triton(h, h, no_terms, no_terms.float(), no_terms, norm_weight, eps,
                                         out=h, tuning=tuning)
     return normed
+
+
+def add_rmsnorm_cpu(hidden, residual, norm_weight, eps):
+    summed = hidden + residual
+    return summed, rmsnorm_cpu(summed, norm_weight, eps)
+
+
+def add_rmsnorm_triton(hidden, residual, norm_weight, eps, *, tuning: LaunchTuning | None = None):
+    """hidden + residual and its norm in one pass: reads both, writes the sum and the normed rows."""
+    no_terms = _no_terms(hidden)
+    summed, normed, _ = steer_rmsnorm_triton(hidden, hidden, no_terms, no_terms.float(), no_terms,
+                                             norm_weight, eps, residual=residual, tuning=tuning)
+    return summed, normed
+
+
+def _no_terms(hidden):
+    """An empty [T, 0] term table: the kernel applies no term and reads no bank row."""
+    return torch.empty((hidden.shape[0], 0), dtype=torch.int32, device=hidden.device)

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from welfare_server.kernels import MAX_TERMS, rmsnorm, steer, steer_rmsnorm
+from welfare_server.kernels import MAX_TERMS, add_rmsnorm, rmsnorm, steer, steer_rmsnorm
 from welfare_server.model.cpu_linear import make_linear
 from welfare_server.model.loading import FAST_PATH_FAMILIES, LoadedModel
 from welfare_server.model.prompts import render_chat
@@ -672,16 +672,29 @@ class Engine:
             mon_out[(layer, point)] = h.float() @ self.monitor_bank.tensor.t()
         return h
 
+    def _layer_input(self, i, h, pending, tables):
+        """Layer i's input in one pass: h (+ pending, the previous layer's MLP output not yet added),
+        its block-input terms, and its input norm. Returns (h, normed input)."""
+        lay = self.layers[i]
+        t_in = tables.get((i, BLOCK_INPUT)) if tables else None
+        if t_in is not None:
+            h, x, _ = steer_rmsnorm(h, self.bank.tensor, *t_in, lay.norm1_w, lay.eps1, residual=pending,
+                                    check_values=False)
+        elif pending is not None:
+            h, x = add_rmsnorm(h, pending, lay.norm1_w, lay.eps1)
+        else:
+            x = rmsnorm(h, lay.norm1_w, lay.eps1)
+        return h, x
+
     def _forward(self, h, attend, tables, rope, mon=None, mon_out=None):
         """The layer stack on h [T, D]. rope: _rope_tables of the T positions.
-        attend(layer_idx, layer, q, k, v) -> [T, H*hd], q/k already rotated."""
+        attend(layer_idx, layer, q, k, v) -> [T, H*hd], q/k already rotated.
+        Each residual add is folded into the norm that reads its result (one kernel on CUDA),
+        except where the block's output is steered or monitored, which needs h itself."""
+        pending = None
         for i, lay in enumerate(self.layers):
             cs = rope[lay.rope_key]
-            t_in = tables.get((i, BLOCK_INPUT)) if tables else None
-            if t_in is not None:
-                h, x, _ = steer_rmsnorm(h, self.bank.tensor, *t_in, lay.norm1_w, lay.eps1, check_values=False)
-            else:
-                x = rmsnorm(h, lay.norm1_w, lay.eps1)
+            h, x = self._layer_input(i, h, pending, tables)
             if mon is not None and (i, BLOCK_INPUT) in mon:
                 mon_out[(i, BLOCK_INPUT)] = h.float() @ self.monitor_bank.tensor.t()
             T = h.shape[0]
@@ -704,12 +717,16 @@ class Engine:
             a = lay.o(attend(i, lay, q, k, v))
             if lay.post_attn is not None:
                 a = rmsnorm(a, *lay.post_attn)
-            h = h + a
-            m = lay.mlp(rmsnorm(h, lay.norm2_w, lay.eps2))
+            h, x = add_rmsnorm(h, a, lay.norm2_w, lay.eps2)
+            m = lay.mlp(x)
             if lay.post_mlp is not None:
                 m = rmsnorm(m, *lay.post_mlp)
-            h = h + m
-            h = self._steer_point(h, tables, i, BLOCK_OUTPUT, mon, mon_out)
+            output_used = (tables and (i, BLOCK_OUTPUT) in tables) or (mon is not None and (i, BLOCK_OUTPUT) in mon)
+            if i + 1 < self.L and not output_used:
+                pending = m
+            else:
+                pending = None
+                h = self._steer_point(h + m, tables, i, BLOCK_OUTPUT, mon, mon_out)
         return h
 
     def _additive_mask(self, m):
