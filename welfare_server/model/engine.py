@@ -1,9 +1,10 @@
 """The generation engine: per-request steering, continuous batching, its own KV cache and loop.
 
 Engine reuses the Hugging Face model's weights and submodules but runs its own decode loop
-(embed -> per layer: steer at block input fused with the input RMSNorm -> attention over the
-engine's KV cache -> MLP -> steer at block output -> final norm -> lm_head -> sampling), so there
-are no forward hooks on the hot path and the whole step can be captured in a CUDA graph.
+(embed -> per layer: the previous residual add, steering at block input and the input RMSNorm in
+one pass -> attention over the engine's KV cache -> residual add and the MLP's norm in one pass ->
+MLP -> steer at block output -> final norm -> lm_head -> sampling), so there are no forward hooks
+on the hot path and the whole step can be captured in a CUDA graph.
 
 Fast-path families (loading.FAST_PATH_FAMILIES): Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 and
 Gemma3 (text): a pre-norm block `h + attn(norm1(h))`, `h + mlp(norm2(h))` with RoPE, GQA, optional
