@@ -11,7 +11,8 @@ namespace ws {
 
 // Throws std::invalid_argument if a required state pointer is null or num_envs < 0.
 void check_state(const StateView& s);
-void check_step_out(const StepOut& o);
+// Output pointers of a step of num_envs envs (none are needed when num_envs == 0).
+void check_step_out(const StepOut& o, int64_t num_envs);
 // Fragment count must be 58 + 2 * size; max_len >= 0.
 void check_token_table(const Config& cfg, const TokenTable& tt);
 // src in [0, B), 0 <= dst_begin <= dst_end <= B, src outside [dst_begin, dst_end).

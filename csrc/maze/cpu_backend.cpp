@@ -39,7 +39,7 @@ void cpu_step(const Config& config, const StateView& s, const int32_t* actions, 
               int num_threads) {
   const Config cfg = prepare(config);
   check_state(s);
-  check_step_out(out);
+  check_step_out(out, s.num_envs);
   if (s.num_envs > 0 && actions == nullptr)
     throw std::invalid_argument("actions is a null pointer");
   // Validation pass first (serial: a compare per env), so a rejected call changes nothing.

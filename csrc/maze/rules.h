@@ -546,7 +546,9 @@ WS_HD void step_and_autoreset(const Config& cfg, const StateView& s, int64_t i, 
                               const Sampler& sample = Sampler()) {
   step_one_env(cfg, s, i, action, out);
   if (cfg.autoreset && s.done[i]) {
-    s.episode[i] += 1;
+    // wraps like the int64 tensor it is (INT64_MAX + 1 as int64 is UB); episode_key() takes the
+    // index modulo 2^64, so the next maze is still Python's episode + 1
+    s.episode[i] = static_cast<int64_t>(static_cast<uint64_t>(s.episode[i]) + 1);
     reset_one_env(cfg, s, i, bfs_order, sample);
   }
 }
@@ -605,11 +607,17 @@ WS_HD int32_t prompt_order(const Config& cfg, int32_t row, int32_t col, int32_t 
 }
 
 // neighbours[4]: tile code in N, E, S, W or -1 outside; order[4]: prompt order padded with -1.
+// A position off the grid (a corrupt state buffer) lists no neighbour and no direction, like the
+// oracle (and row/col +- 1 would overflow at INT32_MIN/MAX).
 WS_HD void observe_one_env(const Config& cfg, const StateView& s, int64_t i, int32_t* neighbours,
                            int32_t* order) {
   const int32_t S = cfg.size;
   const uint8_t* grid = s.grid + i * static_cast<int64_t>(S) * S;
   const int32_t row = s.row[i], col = s.col[i];
+  if (!inside(S, row, col)) {
+    for (int d = 0; d < 4; ++d) neighbours[d] = order[d] = -1;
+    return;
+  }
   for (int d = 0; d < 4; ++d) {
     const int32_t r = row + dir_drow(d), c = col + dir_dcol(d);
     neighbours[d] = inside(S, r, c) ? static_cast<int32_t>(grid[r * S + c]) : -1;

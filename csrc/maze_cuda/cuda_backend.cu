@@ -176,7 +176,7 @@ void cuda_step(const Config& config, const StateView& s, const int32_t* actions,
                uintptr_t stream) {
   const Config cfg = prepare(config);
   check_state(s);
-  check_step_out(out);
+  check_step_out(out, s.num_envs);
   if (s.num_envs == 0) return;
   if (actions == nullptr) throw std::invalid_argument("actions is a null pointer");
   const cudaStream_t st = as_stream(stream);

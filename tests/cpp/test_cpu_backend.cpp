@@ -3,6 +3,7 @@
 // rendering bounds and the oracle over a batch.
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -376,6 +377,66 @@ TEST(render_and_oracle_refuse_corrupt_state) {
   CHECK_THROWS(cpu_render_tokens(c, b.view(), tt, out.data(), lengths.data(), 2),
                std::invalid_argument, "env 2 has a corrupt state");
   CHECK_EQ(lengths[2], RENDER_BAD_STATE);
+}
+
+// Found by tests/cpp/fuzz_maze.cpp: observe_one_env computed row/col +- 1 before checking the
+// position, a signed overflow at INT32_MIN/MAX (UBSan in scripts/sanitize.sh). An off-grid position
+// now lists no neighbour and no direction, like the oracle; other envs are unaffected.
+TEST(observe_refuses_corrupt_position) {
+  const int S = 8;
+  Batch b(4, S);
+  const Config c = cfg(S, 6);
+  cpu_reset(c, b.view(), nullptr, 1);
+  std::vector<int32_t> nb0(16), or0(16);
+  cpu_observe(c, b.view(), nb0.data(), or0.data(), 1);
+  b.row[0] = std::numeric_limits<int32_t>::min();
+  b.col[1] = std::numeric_limits<int32_t>::max();
+  b.row[2] = -1;  // a neighbour (south) would be on the grid: still nothing is listed
+  for (int threads : {1, 2}) {
+    std::vector<int32_t> nb(16, 77), order(16, 77);
+    cpu_observe(c, b.view(), nb.data(), order.data(), threads);
+    for (int64_t i = 0; i < 3; ++i)
+      for (int d = 0; d < 4; ++d) {
+        CHECK_EQ(nb[size_t(i * 4 + d)], -1);
+        CHECK_EQ(order[size_t(i * 4 + d)], -1);
+      }
+    for (int d = 0; d < 4; ++d) {
+      CHECK_EQ(nb[size_t(12 + d)], nb0[size_t(12 + d)]);
+      CHECK_EQ(order[size_t(12 + d)], or0[size_t(12 + d)]);
+    }
+  }
+}
+
+// Found by tests/cpp/fuzz_maze.cpp: same-step autoreset did `episode += 1` on an int64, UB at
+// INT64_MAX (a state tensor the Python side can set). It now wraps like the tensor, and the new
+// maze is episode_key(seed, env, 2^63), i.e. the same as Python's episode + 1 modulo 2^64.
+TEST(autoreset_wraps_episode_index) {
+  const int S = 9;
+  Batch b(2, S);
+  Config c = cfg(S, 12);
+  c.episode_steps = 1;
+  c.autoreset = true;
+  cpu_reset(c, b.view(), nullptr, 1);
+  b.episode[0] = std::numeric_limits<int64_t>::max();
+  b.episode[1] = -1;
+  std::vector<int32_t> a = valid_actions(b, 5);
+  cpu_step(c, b.view(), a.data(), b.out(), 2);
+  CHECK_EQ(b.episode[0], std::numeric_limits<int64_t>::min());
+  CHECK_EQ(b.origin_episode[0], std::numeric_limits<int64_t>::min());
+  CHECK_EQ(b.episode[1], 0);
+  const Config p = prepare(c);
+  for (int64_t i = 0; i < 2; ++i) {
+    CHECK_EQ(int(b.out_done[size_t(i)]), 1);
+    CHECK_EQ(b.t[size_t(i)], 0);
+    const uint64_t key = episode_key(12, uint64_t(i), uint64_t(b.episode[size_t(i)]));
+    std::vector<uint8_t> g(size_t(S) * S);
+    int32_t r, col;
+    generate_maze(p, key, g.data(), cached_bfs_order(S), r, col);
+    CHECK(std::memcmp(g.data(), b.env_grid(i), g.size()) == 0);
+    CHECK(b.step_key[size_t(i)] == step_key_of(key));
+  }
+  CHECK(episode_key(12, 0, uint64_t(1) << 63) ==
+        episode_key(12, 0, uint64_t(std::numeric_limits<int64_t>::min())));
 }
 
 TEST(cuda_stub_or_backend_links) {
