@@ -146,6 +146,17 @@ if HAS_TRITON:
         return stored
 
     @triton.jit
+    def _load_rows(h_ptr, stride_h, res_ptr, stride_r, rows, offs, mask2, HAS_RES: tl.constexpr):
+        """One chunk of the rows in hidden's dtype, plus the residual's when HAS_RES."""
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask2, other=0.0)
+        if HAS_RES:
+            # As torch adds half-precision tensors: in fp32, rounded once (the interpreter also
+            # needs the explicit casts: it adds bf16 bit patterns otherwise).
+            r = tl.load(res_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask2, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+        return h
+
+    @triton.jit
     def _steer_rows(h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr,
                     tm_ptr, mon_ptr, stride_mm, proj_ptr, rows, T, D, NT: tl.constexpr,
                     M: tl.constexpr, MONITOR_POST: tl.constexpr, INPLACE: tl.constexpr,
@@ -159,21 +170,13 @@ if HAS_TRITON:
         offs_a = tl.arange(0, BLOCK_A)
         dmask_a = offs_a < D
         mask_a = rmask[:, None] & dmask_a[None, :]
-        ha = tl.load(h_ptr + rows[:, None] * stride_h + offs_a[None, :], mask=mask_a, other=0.0)
-        if HAS_RES:
-            # As torch adds half-precision tensors: in fp32, rounded once (the interpreter also
-            # needs the explicit casts: it adds bf16 bit patterns otherwise).
-            ra = tl.load(res_ptr + rows[:, None] * stride_r + offs_a[None, :], mask=mask_a, other=0.0)
-            ha = (ha.to(tl.float32) + ra.to(tl.float32)).to(ha.dtype)
+        ha = _load_rows(h_ptr, stride_h, res_ptr, stride_r, rows, offs_a, mask_a, HAS_RES)
         xa0 = ha.to(tl.float32)
         if BLOCK_B > 0:
             offs_b = BLOCK_A + tl.arange(0, BLOCK_B)
             dmask_b = offs_b < D
             mask_b = rmask[:, None] & dmask_b[None, :]
-            hb = tl.load(h_ptr + rows[:, None] * stride_h + offs_b[None, :], mask=mask_b, other=0.0)
-            if HAS_RES:
-                rb = tl.load(res_ptr + rows[:, None] * stride_r + offs_b[None, :], mask=mask_b, other=0.0)
-                hb = (hb.to(tl.float32) + rb.to(tl.float32)).to(hb.dtype)
+            hb = _load_rows(h_ptr, stride_h, res_ptr, stride_r, rows, offs_b, mask_b, HAS_RES)
             xb0 = hb.to(tl.float32)
         else:  # placeholders: nothing reads them when BLOCK_B = 0
             offs_b, dmask_b, mask_b, hb, xb0 = offs_a, dmask_a, mask_a, ha, xa0

@@ -133,9 +133,7 @@ def rmsnorm_triton(hidden, norm_weight, eps, *, tuning: LaunchTuning | None = No
     """The steer_rmsnorm kernel with an empty term table, in place: no row is steered, so none is
     written back, and the pass is one read of h and one write of the normed rows."""
     h = _row_ready(hidden)
-    no_terms = _no_terms(h)
-    _, normed, _ = steer_rmsnorm_triton(h, h, no_terms, no_terms.float(), no_terms, norm_weight, eps,
-                                        out=h, tuning=tuning)
+    _, normed, _ = steer_rmsnorm_triton(h, h, *_no_terms(h), norm_weight, eps, out=h, tuning=tuning)
     return normed
 
 
@@ -146,12 +144,12 @@ def add_rmsnorm_cpu(hidden, residual, norm_weight, eps):
 
 def add_rmsnorm_triton(hidden, residual, norm_weight, eps, *, tuning: LaunchTuning | None = None):
     """hidden + residual and its norm in one pass: reads both, writes the sum and the normed rows."""
-    no_terms = _no_terms(hidden)
-    summed, normed, _ = steer_rmsnorm_triton(hidden, hidden, no_terms, no_terms.float(), no_terms,
-                                             norm_weight, eps, residual=residual, tuning=tuning)
+    summed, normed, _ = steer_rmsnorm_triton(hidden, hidden, *_no_terms(hidden), norm_weight, eps,
+                                             residual=residual, tuning=tuning)
     return summed, normed
 
 
 def _no_terms(hidden):
-    """An empty [T, 0] term table: the kernel applies no term and reads no bank row."""
-    return torch.empty((hidden.shape[0], 0), dtype=torch.int32, device=hidden.device)
+    """Empty [T, 0] term tables (vector, coef, mode): the kernel applies no term and reads no bank row."""
+    index = torch.empty((hidden.shape[0], 0), dtype=torch.int32, device=hidden.device)
+    return index, index.float(), index

@@ -218,6 +218,32 @@ def _attention(q, k, v, mask, scale: float, softcap: float | None):
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
+def _attends(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool [*query_pos.shape, ctx]: causal (key position <= query position) and, with a sliding
+    window, key position > query position - window."""
+    q = query_pos[..., None]
+    m = key_pos <= q
+    return m if window is None else m & (key_pos > q - window)
+
+
+def _slot_rows(slot_list, slots: torch.Tensor):
+    """Index of the cache rows of these slots: a slice (a view, no copy) when they are consecutive."""
+    s0 = slot_list[0]
+    return slice(s0, s0 + len(slot_list)) if list(slot_list) == list(range(s0, s0 + len(slot_list))) else slots
+
+
+def _gqa_attention(lay, q, K, V, mask, A: int, T: int):
+    """Attention of q [A*T, H, hd] over cached K/V [A, n_kv, ctx, hd] without repeating K/V: the
+    g query heads of a kv head become g query rows per token (mask rows follow that layout).
+    Returns [A*T, H*hd]."""
+    g, hd = lay.n_heads // lay.n_kv, lay.head_dim
+    if T == 1:  # decode: the same layout as plain views (no transposes on the per-token path)
+        return _attention(q.view(A, lay.n_kv, g, hd), K, V, mask, lay.scaling, lay.softcap).reshape(A, -1)
+    qg = q.view(A, T, lay.n_kv, g, hd).transpose(1, 2).reshape(A, lay.n_kv, T * g, hd)
+    o = _attention(qg, K, V, mask, lay.scaling, lay.softcap)
+    return o.view(A, lay.n_kv, T, g, hd).transpose(1, 2).reshape(A * T, lay.n_heads * hd)
+
+
 _M32 = 0xFFFFFFFF
 
 
@@ -816,16 +842,13 @@ class Engine:
         # has not written, and never has every key masked (a NaN row) under a sliding window.
         mask_pos = torch.minimum(qpos[None, :], lens[:, None] - 1)  # [A, T]
         kpos = torch.arange(c1, device=dev)
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + A))
-        s0 = slot_list[0]
+        cache_rows = _slot_rows(slot_list, slots)
         masks = {}
 
         def mask_for(window, g):
             if (window, g) not in masks:
-                m = kpos[None, None, :] <= mask_pos[:, :, None]  # [A, T, c1]
-                if window is not None:
-                    m = m & (kpos[None, None, :] > mask_pos[:, :, None] - window)
-                # One row per (token, query head of a kv head), matching the GQA layout in attend.
+                m = _attends(mask_pos, kpos, window)  # [A, T, c1]
+                # One row per (token, query head of a kv head), matching _gqa_attention's layout.
                 masks[window, g] = self._additive_mask(m[:, None].repeat_interleave(g, dim=2))
             return masks[window, g]
 
@@ -835,15 +858,8 @@ class Engine:
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc[w_slot, :, w_pos] = k.view(A, T, lay.n_kv, lay.head_dim)[real_row, real_tok]
             vc[w_slot, :, w_pos] = v.view(A, T, lay.n_kv, lay.head_dim)[real_row, real_tok]
-            if contiguous:  # a view: no copy of the cache
-                K, V = kc[s0:s0 + A, :, :c1], vc[s0:s0 + A, :, :c1]
-            else:
-                K, V = kc[slots, :, :c1], vc[slots, :, :c1]
-            g, hd = lay.n_heads // lay.n_kv, lay.head_dim
-            # GQA without repeating K/V: the g query heads of a kv head become g query rows per token.
-            qg = q.view(A, T, lay.n_kv, g, hd).transpose(1, 2).reshape(A, lay.n_kv, T * g, hd)
-            o = _attention(qg, K, V, mask_for(lay.window, g), lay.scaling, lay.softcap)
-            return o.view(A, lay.n_kv, T, g, hd).transpose(1, 2).reshape(A * T, lay.n_heads * hd)
+            return _gqa_attention(lay, q, kc[cache_rows, :, :c1], vc[cache_rows, :, :c1],
+                                  mask_for(lay.window, lay.n_heads // lay.n_kv), A, T)
 
         # Per-token term tables: each row's terms on the chunk's tokens its scope covers, -1 elsewhere.
         tables = {}
@@ -887,18 +903,14 @@ class Engine:
         pos = torch.tensor([s.length for s in seqs], device=dev)
         ids = torch.tensor([s.next_token for s in seqs], device=dev)
         ctx = max(s.length for s in seqs) + 1
-        contiguous = list(slot_list) == list(range(slot_list[0], slot_list[0] + B))
-        s0 = slot_list[0]
+        cache_rows = _slot_rows(slot_list, slots)
         kpos = torch.arange(ctx, device=dev)
         masks = {}
 
         def mask_for(window):
             if window not in masks:
-                m = kpos[None, :] <= pos[:, None]
-                if window is not None:
-                    m = m & (kpos[None, :] > pos[:, None] - window)
                 # Additive float mask: a bool mask costs SDPA a where() per layer.
-                masks[window] = self._additive_mask(m[:, None, None, :])  # [B, 1, 1, ctx]
+                masks[window] = self._additive_mask(_attends(pos, kpos, window)[:, None, None, :])  # [B, 1, 1, ctx]
             return masks[window]
 
         cs = self._rope_tables(pos)
@@ -907,15 +919,8 @@ class Engine:
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc[slots, :, pos] = k
             vc[slots, :, pos] = v
-            if contiguous:  # a view: no copy of the cache
-                K, V = kc[s0:s0 + B, :, :ctx], vc[s0:s0 + B, :, :ctx]
-            else:
-                K, V = kc[slots, :, :ctx], vc[slots, :, :ctx]
-            g = lay.n_heads // lay.n_kv
-            # GQA without repeating K/V: the g query heads of a kv head become g query rows.
-            qg = q.view(B, lay.n_kv, g, lay.head_dim)
-            o = _attention(qg, K, V, mask_for(lay.window), lay.scaling, lay.softcap)
-            return o.reshape(B, lay.n_heads * lay.head_dim)
+            return _gqa_attention(lay, q, kc[cache_rows, :, :ctx], vc[cache_rows, :, :ctx],
+                                  mask_for(lay.window), B, 1)
 
         tables = self._decode_tables(slots, slot_list)
         mon = self._monitor_set(seqs)
@@ -944,7 +949,6 @@ class Engine:
         (B, ctx), every tensor read is a fixed buffer, so the call can be graph-captured."""
         pos = self.pos_buf[:B]
         kpos = torch.arange(ctx, device=self.device)
-        base = kpos[None, :] <= pos[:, None]
         masks = {}
         rows = torch.arange(B, device=self.device)
 
@@ -955,12 +959,8 @@ class Engine:
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
             if lay.window not in masks:
-                m = base if lay.window is None else base & (kpos[None, :] > pos[:, None] - lay.window)
-                masks[lay.window] = self._additive_mask(m[:, None, None, :])
-            g = lay.n_heads // lay.n_kv
-            qg = q.view(B, lay.n_kv, g, lay.head_dim)
-            o = _attention(qg, kc[:B, :, :ctx], vc[:B, :, :ctx], masks[lay.window], lay.scaling, lay.softcap)
-            return o.reshape(B, lay.n_heads * lay.head_dim)
+                masks[lay.window] = self._additive_mask(_attends(pos, kpos, lay.window)[:, None, None, :])
+            return _gqa_attention(lay, q, kc[:B, :, :ctx], vc[:B, :, :ctx], masks[lay.window], B, 1)
 
         tables = {}
         for l in range(self.L):

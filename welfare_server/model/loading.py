@@ -191,8 +191,9 @@ def load_model(name_or_path: str | os.PathLike, runtime: RuntimeConfig | None = 
         tokenizer_dir = str(path)
         from transformers import AutoConfig
 
-        attn = _attn_implementation(runtime, AutoConfig.from_pretrained(str(path)))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(str(path))  # read once: it decides the attention too
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dt,
+                                                     attn_implementation=_attn_implementation(runtime, config))
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, name=name, device=dev, dtype=dt, _tokenizer_dir=tokenizer_dir)
