@@ -21,8 +21,26 @@ RESULTS_DIR = ROOT / "bench" / "results"
 """Where every benchmark appends its rows (one CSV per benchmark)."""
 
 
+CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""Vector extensions that decide which CPU paths run (oneDNN bf16 packing, the maze's AVX-512
+sampler); the machine column lists those present so rows of different CPUs are never compared
+as if equal."""
+
+
+def cpu_flags() -> set[str]:
+    """The flags /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def machine_name(device: str | torch.device = "cpu") -> str:
-    """The GPU's name for CUDA, else the CPU model and how many threads torch uses."""
+    """The GPU's name for CUDA; else the CPU model, its vector extensions (CPU_EXTENSIONS present)
+    and how many threads torch uses."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -34,7 +52,9 @@ def machine_name(device: str | torch.device = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    flags = cpu_flags()
+    extensions = "+".join(x for x in CPU_EXTENSIONS if x in flags) or "no avx2"
+    return f"{cpu} [{extensions}] ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def git_commit() -> str:
