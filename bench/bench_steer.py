@@ -35,7 +35,7 @@ import torch
 from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
 from welfare_server.kernels import (SteerMode, capture_reference, rmsnorm_reference,
                                     steer_reference, steer_rmsnorm_reference)
-from welfare_server.kernels.steer import DEFAULT_TUNING, LaunchTuning, launch_config
+from welfare_server.kernels.rows import DEFAULT_TUNING, LaunchTuning, launch_config
 
 RESULTS = RESULTS_DIR / "steer.csv"
 FIELDS = ["date", "device", "commit", "op", "dtype", "T", "D", "provider", "us", "gbps",

@@ -216,10 +216,11 @@ def test_launch_tuning_changes_the_split_not_the_result(tuning):
     grid and warps change; on a GPU the reduction order may differ, so within tolerance)."""
     import importlib
     steer_mod = importlib.import_module("welfare_server.kernels.steer")
+    rows_mod = importlib.import_module("welfare_server.kernels.rows")
     steer_rmsnorm_mod = importlib.import_module("welfare_server.kernels.steer_rmsnorm")
-    tun = steer_mod.LaunchTuning(**tuning)
+    tun = rows_mod.LaunchTuning(**tuning)
     T, D = 83, 577
-    assert steer_mod.launch_config(D, T, tun) != steer_mod.launch_config(D, T)
+    assert rows_mod.launch_config(D, T, tun) != rows_mod.launch_config(D, T)
     hidden, bank, tv, tc, tm = make_steer_case(T, D, torch.bfloat16, seed=17)
     w = torch.randn(D, device=DEVICE)
     want = oracle_steer(hidden, bank, tv, tc, tm)

@@ -18,7 +18,8 @@ from welfare_server.kernels import _checks
 from welfare_server.kernels._checks import validate_terms
 from welfare_server.kernels.capture import capture_reference, capture_triton
 from welfare_server.kernels.modes import MAX_MONITORS, MAX_PROJ, MAX_TERMS, MAX_TRITON_D, SteerMode
-from welfare_server.kernels.steer import HAS_TRITON, steer_reference, steer_triton
+from welfare_server.kernels.rows import HAS_TRITON
+from welfare_server.kernels.steer import steer_reference, steer_triton
 from welfare_server.kernels.steer_rmsnorm import (add_rmsnorm_cpu, add_rmsnorm_triton, rmsnorm_cpu,
                                                   rmsnorm_reference, rmsnorm_triton, steer_rmsnorm_reference,
                                                   steer_rmsnorm_triton)

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from welfare_server.kernels.steer import HAS_TRITON
+from welfare_server.kernels.rows import HAS_TRITON
 
 if HAS_TRITON:
     import triton

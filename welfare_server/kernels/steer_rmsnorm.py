@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from welfare_server.kernels._checks import check_out
-from welfare_server.kernels.steer import (HAS_TRITON, LaunchTuning, _launch_buffers, _row_ready,
-                                          launch_config, steer_reference)
+from welfare_server.kernels.rows import (HAS_TRITON, LaunchTuning, launch_buffers, launch_config, no_terms,
+                                         row_ready)
+from welfare_server.kernels.steer import steer_reference
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from welfare_server.kernels.steer import _steer_rows
+    from welfare_server.kernels.rows import steer_rows
 
 
 def normed_dtype(hidden: torch.Tensor, norm_weight: torch.Tensor) -> torch.dtype:
@@ -86,7 +87,7 @@ if HAS_TRITON:
                               INPLACE: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
                               BLOCK_B: tl.constexpr, res_ptr, stride_r, HAS_RES: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        stored_a, stored_b, offs_a, offs_b, mask_a, mask_b, dmask_a, dmask_b = _steer_rows(
+        stored_a, stored_b, offs_a, offs_b, mask_a, mask_b, dmask_a, dmask_b = steer_rows(
             h_ptr, stride_h, out_ptr, stride_o, bank_ptr, stride_bk, K, tv_ptr, tc_ptr, tm_ptr, mon_ptr,
             stride_mm, proj_ptr, rows, T, D, NT, M, MONITOR_POST, INPLACE, BLOCK_A, BLOCK_B, res_ptr,
             stride_r, HAS_RES)
@@ -106,7 +107,7 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
                          out=None, normed_out=None, monitor=None, monitor_post=True, residual=None,
                          tuning: LaunchTuning | None = None):
     T, D = hidden.shape
-    b = _launch_buffers("steer_rmsnorm", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
+    b = launch_buffers("steer_rmsnorm", hidden, bank, term_vector, term_coef, term_mode, out, monitor)
     ndt = normed_dtype(hidden, norm_weight)
     if normed_out is None:
         normed_out = torch.empty((T, D), dtype=ndt, device=hidden.device)
@@ -117,7 +118,7 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
     if T == 0:
         return b["out"], normed_out, b["proj"]
     ROWS, BLOCK_A, BLOCK_B, num_warps = launch_config(D, T, tuning)
-    res = b["hidden"] if residual is None else _row_ready(residual)
+    res = b["hidden"] if residual is None else row_ready(residual)
     _steer_rmsnorm_kernel[(triton.cdiv(T, ROWS),)](
         b["hidden"], b["hidden"].stride(0), b["out"], b["out"].stride(0), normed_out, normed_out.stride(0),
         norm_weight.contiguous(), float(eps), b["bank"], b["bank"].stride(0), b["bank"].shape[0],
@@ -132,8 +133,8 @@ def steer_rmsnorm_triton(hidden, bank, term_vector, term_coef, term_mode, norm_w
 def rmsnorm_triton(hidden, norm_weight, eps, *, tuning: LaunchTuning | None = None):
     """The steer_rmsnorm kernel with an empty term table, in place: no row is steered, so none is
     written back, and the pass is one read of h and one write of the normed rows."""
-    h = _row_ready(hidden)
-    _, normed, _ = steer_rmsnorm_triton(h, h, *_no_terms(h), norm_weight, eps, out=h, tuning=tuning)
+    h = row_ready(hidden)
+    _, normed, _ = steer_rmsnorm_triton(h, h, *no_terms(h), norm_weight, eps, out=h, tuning=tuning)
     return normed
 
 
@@ -144,12 +145,6 @@ def add_rmsnorm_cpu(hidden, residual, norm_weight, eps):
 
 def add_rmsnorm_triton(hidden, residual, norm_weight, eps, *, tuning: LaunchTuning | None = None):
     """hidden + residual and its norm in one pass: reads both, writes the sum and the normed rows."""
-    summed, normed, _ = steer_rmsnorm_triton(hidden, hidden, *_no_terms(hidden), norm_weight, eps,
+    summed, normed, _ = steer_rmsnorm_triton(hidden, hidden, *no_terms(hidden), norm_weight, eps,
                                              residual=residual, tuning=tuning)
     return summed, normed
-
-
-def _no_terms(hidden):
-    """Empty [T, 0] term tables (vector, coef, mode): the kernel applies no term and reads no bank row."""
-    index = torch.empty((hidden.shape[0], 0), dtype=torch.int32, device=hidden.device)
-    return index, index.float(), index
