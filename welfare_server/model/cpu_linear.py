@@ -41,6 +41,8 @@ greedy tokens still equal HF generate in the tests.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +57,31 @@ _PACK_DTYPES = (torch.float32, torch.bfloat16)
 
 def _onednn_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.lru_cache(maxsize=None)
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs (and runs) weights of this dtype on this CPU. fp32 packs on any x86-64
+    oneDNN supports; bf16 needs avx512bw/vl/dq or avx_ne_convert (an AVX2-only CPU such as AMD
+    Zen 2 refuses it, and its linears then run F.linear). Probed once per dtype."""
+    if dtype not in _PACK_DTYPES or not _onednn_ok():
+        return False
+    try:
+        with torch.inference_mode():
+            packed = _pack(torch.ones(8, 8, dtype=dtype))
+            got = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), packed, None, "none", [], "")
+        return got.shape == (1, 8) and bool((got.float() == 8).all())
+    except RuntimeError:
+        return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 dot products natively (AVX512_BF16 or AMX): only there do bf16 linears
+    beat fp32 (RuntimeConfig's dtype="auto" reads this). Elsewhere bf16 is widened to fp32 in
+    software and is slower than fp32 itself (see RuntimeConfig.dtype for the measurements)."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
 class Linear:
@@ -89,11 +116,12 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, prepack: bool = True) -> Linear:
-    """The engine's linear for this weight: oneDNN-packed on CPU (fp32/bf16) when prepack, else
-    F.linear. Packing is checked once against F.linear on a probe row; any failure falls back."""
+    """The engine's linear for this weight: oneDNN-packed on CPU (fp32/bf16, where this CPU packs
+    the dtype: packing_supported) when prepack, else F.linear. Packing is checked against a probe
+    row; any failure falls back."""
     packed = None
-    if (prepack and weight.device.type == "cpu" and weight.dtype in _PACK_DTYPES and weight.dim() == 2
-            and (bias is None or bias.dtype == weight.dtype) and _onednn_ok()):
+    if (prepack and weight.device.type == "cpu" and weight.dim() == 2 and packing_supported(weight.dtype)
+            and (bias is None or bias.dtype == weight.dtype)):
         try:
             with torch.inference_mode():
                 packed = _pack(weight)

@@ -34,8 +34,10 @@ class RuntimeConfig:
     """"auto" (CUDA when available, else CPU), or any torch device string ("cpu", "cuda:1")."""
 
     dtype: str = "auto"
-    """"auto" (bfloat16 on CUDA, float32 on CPU: CPU correctness tests compare against HF in fp32),
-    or "float32" / "bfloat16" / "float16"."""
+    """"auto": bfloat16 on CUDA; on CPU bfloat16 only where the CPU computes bf16 dot products
+    natively (AVX512_BF16 or AMX: cpu_linear.cpu_has_native_bf16), float32 elsewhere, where bf16
+    is widened in software and runs slower than fp32 (measurements in cpu_linear.py). Or
+    "float32" / "bfloat16" / "float16" (aliases fp32, bf16, fp16)."""
 
     seed: int = 0
     """Seed of the random initialisation of the tiny presets (ignored for real checkpoints)."""
@@ -52,7 +54,10 @@ class RuntimeConfig:
         else:
             device = torch.device(self.device)
         if self.dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            from welfare_server.model.cpu_linear import cpu_has_native_bf16
+
+            fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+            dtype = torch.bfloat16 if fast_bf16 else torch.float32
         else:
             try:
                 dtype = {"float32": torch.float32, "fp32": torch.float32,
