@@ -69,8 +69,9 @@ def test_coef_and_mode_values():
     tc[1, 0] = float("inf")
     with pytest.raises(ValueError, match="term_coef must be finite"):
         steer(h, b, tv, tc, tm)
-    tm[1, 0] = ABLATE  # ABLATE ignores its coefficient: allowed
-    steer(h, b, tv, tc, tm)
+    tm[1, 0] = ABLATE  # one rule for every mode: ABLATE ignores its coefficient, yet it must be finite
+    with pytest.raises(ValueError, match="term_coef must be finite"):
+        steer(h, b, tv, tc, tm)
     tm[1, 0] = ADD
     tv[1, 0] = -1  # no term: coef and mode ignored
     tm[1, 0] = 42

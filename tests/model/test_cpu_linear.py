@@ -69,7 +69,8 @@ def test_engine_prepack_on_off_same_tokens_and_refresh(get_model):
     cfg = {"max_batch_slots": 4, "max_context_len": 64}
     packed = Engine(lm, EngineConfig(**cfg))
     plain = Engine(lm, EngineConfig(cpu_prepack=False, **cfg))
-    assert packed.lm_head.is_packed == cpu_linear.packing_supported(torch.float32) and not plain.lm_head.is_packed
+    assert packed.adapter.lm_head.is_packed == cpu_linear.packing_supported(torch.float32)
+    assert not plain.adapter.lm_head.is_packed
     assert run(packed) == run(plain)
     # The packed copies are snapshots: refresh_weights() picks up in-place weight changes.
     down = lm.model.model.layers[0].mlp.down_proj.weight

@@ -85,7 +85,8 @@ def test_prompt_over_max_prefill_tokens_runs_and_context_still_bounds(get_model)
     specs = [SteeringSpec([SteeringTerm(rand_vec(D, 5), [1], 4.0)], Scope.ALL), None]
     outs = eng.generate([Request(prompt=p, steering=s, sampling=greedy(8)) for p, s in zip(prompts, specs)])
     assert [o.token_ids for o in outs] == hf_generate_steered(lm.model, prompts, specs, 8)
-    with pytest.raises(RequestRefused, match=r"prompt \(40 tokens\).*exceeds max_context_len=64"):
+    with pytest.raises(RequestRefused, match=r"sampling.max_new_tokens: 25 with a prompt of 40 tokens exceeds "
+                                             r"max_context_len=64"):
         eng.submit(Request(prompt=prompts[0], sampling=greedy(25)))
     with pytest.raises(RequestRefused, match="max_context_len=64"):
         eng.submit(Request(prompt=rand_prompts([64], seed=13)[0], sampling=greedy(1)))
@@ -94,6 +95,5 @@ def test_prompt_over_max_prefill_tokens_runs_and_context_still_bounds(get_model)
 
 @pytest.mark.parametrize("chunk", [0, -3, 2.5])
 def test_prefill_chunk_tokens_validated(get_model, chunk):
-    with pytest.raises(ValueError, match="EngineConfig.prefill_chunk_tokens must be an integer >= 1"):
-        Engine(get_model("tiny-llama"), EngineConfig(max_batch_slots=1, max_context_len=16,
-                                                     prefill_chunk_tokens=chunk))
+    with pytest.raises(ValueError, match=r"EngineConfig.prefill_chunk_tokens: .* \(must be >= 1\)"):
+        EngineConfig(max_batch_slots=1, max_context_len=16, prefill_chunk_tokens=chunk)

@@ -116,8 +116,9 @@ def validate_terms(term_vector, term_coef, term_mode, K: int) -> None:
     active = term_vector != -1
     bad_idx = (term_vector < -1) | (term_vector >= K)
     bad_mode = active & ((term_mode < 0) | (term_mode >= len(SteerMode)))
-    # ABLATE ignores its coefficient, so a NaN there is harmless; every other active term needs one.
-    bad_coef = active & (term_mode != int(SteerMode.ABLATE)) & ~torch.isfinite(term_coef)
+    # One rule for every mode (as model.steering.validate_spec): ABLATE ignores its coefficient, but
+    # a non-finite one is still refused, so a table is valid or not whatever its modes.
+    bad_coef = active & ~torch.isfinite(term_coef)
     flags = torch.stack([bad_idx.any(), bad_mode.any(), bad_coef.any()]).tolist()
     if flags[0]:
         lo, hi = int(term_vector.min()), int(term_vector.max())
@@ -125,7 +126,7 @@ def validate_terms(term_vector, term_coef, term_mode, K: int) -> None:
     if flags[1]:
         raise ValueError(f"term_mode must be a SteerMode value in [0, {len(SteerMode)}) where term_vector != -1")
     if flags[2]:
-        raise ValueError("term_coef must be finite where term_vector != -1 (except ABLATE, which ignores it)")
+        raise ValueError("term_coef must be finite where term_vector != -1 (in every mode)")
 
 
 def check_monitor(monitor, hidden) -> None:

@@ -15,13 +15,14 @@ whatever mix of vectors the batch holds.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
 
 from welfare_server.kernels import SteerMode
+from welfare_server.model.fields import (InvalidRequest, check_int_list, check_number, check_sequence,
+                                         check_str, check_tensor, is_int)
 
 BLOCK_INPUT = 0
 BLOCK_OUTPUT = 1
@@ -42,9 +43,9 @@ class Scope(str, enum.Enum):
     """Every prompt token and every generated token."""
 
 
-class SteeringError(ValueError):
-    """A steering specification is invalid or exceeds a configured limit; the message names the
-    field and the limit."""
+class SteeringError(InvalidRequest):
+    """A steering specification or a monitor is invalid or exceeds a configured limit; the message
+    names the field and the limit."""
 
 
 Vector = Union[torch.Tensor, int]
@@ -55,14 +56,18 @@ class SteeringTerm:
     """One steering operation: at each of `layers`, at `point`, apply `mode` with `vector`."""
 
     vector: Vector
-    """[D] tensor (placed in the bank for the request's lifetime) or the id of a bank vector
-    registered with VectorBank.add / Engine.register_vector."""
+    """A floating-point tensor of shape [D] (the hidden size) with finite values, placed in the
+    bank for the request's lifetime; or the int id of a live bank vector (VectorBank.add /
+    Engine.register_vector)."""
     layers: Sequence[int]
-    """Decoder layer indices (0-based); negative indices count from the end."""
+    """A non-empty list (or tuple) of int decoder layer indices in [-L, L); negative ones count
+    from the end; a layer named twice is one term there. Not a bare int, no bools or floats."""
     coefficient: float = 1.0
-    """alpha for ADD / ADD_RENORM, the target component for CLAMP, ignored by ABLATE."""
+    """A finite number (int or float, not bool): alpha for ADD / ADD_RENORM, the target component
+    for CLAMP. ABLATE ignores it, but it must still be finite (one rule for every mode)."""
     mode: SteerMode = SteerMode.ADD
-    """ADD, ADD_RENORM, ABLATE or CLAMP (see welfare_server.kernels.modes)."""
+    """A SteerMode (ADD, ADD_RENORM, ABLATE, CLAMP: see welfare_server.kernels.modes) or its int
+    value; floats and bools are refused."""
     point: str = "block_input"
     """"block_input" (residual entering the block) or "block_output" (the block's output)."""
 
@@ -72,7 +77,23 @@ class SteeringSpec:
     """All steering of one request. Terms apply in list order at each (layer, point)."""
 
     terms: list[SteeringTerm] = field(default_factory=list)
+    """A list (or tuple) of SteeringTerm; at most max_terms_per_row of them at any one (layer,
+    point), and at most max_bank_vectors new tensors."""
     scope: Scope = Scope.ASSISTANT_AND_GENERATED
+    """A Scope or its string value ("generated", "assistant_and_generated", "all")."""
+
+
+@dataclass
+class MonitorSpec:
+    """Per-token projections of the residual at `layers`/`point` onto `vectors`."""
+
+    vectors: torch.Tensor
+    """A floating-point tensor [M, D] with finite values, 1 <= M <= max_monitor_vectors."""
+    layers: Sequence[int]
+    """A non-empty list of int layer indices in [-L, L) (as SteeringTerm.layers)."""
+    point: str = "block_input"
+    """Post-steering residual entering the block ("block_input"), or the block's (steered)
+    output ("block_output")."""
 
 
 class VectorBank:
@@ -83,9 +104,12 @@ class VectorBank:
     until the last request finishes. The tensor never reallocates (CUDA graphs read its address).
     """
 
-    def __init__(self, capacity: int, dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
-        if capacity < 1:
-            raise SteeringError(f"max_bank_vectors must be >= 1, got {capacity}")
+    def __init__(self, capacity: int, dim: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 limit_name: str = "max_bank_vectors"):
+        if not is_int(capacity) or capacity < 0:
+            raise SteeringError(f"{limit_name}: {capacity!r} must be an int >= 0")
+        self.limit_name = limit_name
+        """The config field that sets the capacity, named in errors."""
         self.capacity = capacity
         self.dim = dim
         self.tensor = torch.zeros(capacity, dim, device=device, dtype=dtype)
@@ -97,19 +121,18 @@ class VectorBank:
         return len(self._free)
 
     def check_vector(self, vector: torch.Tensor, what: str = "vector") -> torch.Tensor:
-        if not isinstance(vector, torch.Tensor):
-            raise SteeringError(f"{what}: expected a tensor or a bank id, got {type(vector).__name__}")
-        if vector.dim() != 1 or vector.shape[0] != self.dim:
-            raise SteeringError(f"{what}: shape {tuple(vector.shape)}, expected ({self.dim},) (hidden size)")
-        if not torch.isfinite(vector).all():
-            raise SteeringError(f"{what}: contains NaN or inf")
-        return vector
+        return check_tensor(vector, what, SteeringError, shape=(self.dim,), what=f"[{self.dim}] (the hidden size)")
 
     def add(self, vector: torch.Tensor) -> int:
-        """Store a vector; returns its id. Raises SteeringError when the bank is full."""
+        """Store a vector (checked); returns its id. Raises SteeringError when the bank is full."""
         self.check_vector(vector)
+        return self.place(vector)
+
+    def place(self, vector: torch.Tensor) -> int:
+        """Store a vector already checked (validate_spec / validate_monitor did it at the request's
+        boundary: no second pass over its values, which is a host sync on CUDA)."""
         if not self._free:
-            raise SteeringError(f"vector bank full: all max_bank_vectors={self.capacity} slots in use")
+            raise SteeringError(f"{self.limit_name}: all {self.capacity} bank slots are in use")
         idx = self._free.pop()
         self.tensor[idx].copy_(vector.detach().to(self.tensor.dtype))
         self._refs[idx] = 1
@@ -151,44 +174,43 @@ class ResolvedSteering:
 
 
 def validate_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
-                  bank: VectorBank) -> int:
-    """Check a spec without touching the bank; returns how many new bank slots it needs."""
+                  bank: VectorBank, field: str = "steering") -> int:
+    """Check every field of a spec strictly (types exact, values in range, vectors finite, the
+    per-(layer, point) and bank limits) without touching the bank or the spec; returns how many
+    new bank slots it needs. Raises SteeringError naming the field."""
     if spec is None:
         return 0
-    if not isinstance(spec.scope, Scope):
-        try:
-            spec.scope = Scope(spec.scope)
-        except ValueError:
-            raise SteeringError(f"steering.scope: {spec.scope!r} is not one of "
-                                f"{[s.value for s in Scope]}") from None
+    if not isinstance(spec, SteeringSpec):
+        raise SteeringError(f"{field}: a {type(spec).__name__}, expected a SteeringSpec(terms, scope)")
+    if not isinstance(spec.scope, Scope) and (not isinstance(spec.scope, str)
+                                              or spec.scope not in [s.value for s in Scope]):
+        raise SteeringError(f"{field}.scope: {spec.scope!r} is not one of {[s.value for s in Scope]}")
+    terms = check_sequence(spec.terms, f"{field}.terms", SteeringError, what="SteeringTerms")
     counts: dict[tuple[int, int], int] = {}
     new_vectors = 0
-    for i, term in enumerate(spec.terms):
-        where = f"steering.terms[{i}]"
+    for i, term in enumerate(terms):
+        where = f"{field}.terms[{i}]"
+        if not isinstance(term, SteeringTerm):
+            raise SteeringError(f"{where}: a {type(term).__name__}, expected a SteeringTerm")
         if isinstance(term.vector, torch.Tensor):
             bank.check_vector(term.vector, f"{where}.vector")
             new_vectors += 1
-        elif isinstance(term.vector, int):
-            if not bank.is_live(term.vector):
+        elif is_int(term.vector):
+            if not bank.is_live(int(term.vector)):
                 raise SteeringError(f"{where}.vector: id {term.vector} is not a live bank vector")
         else:
-            raise SteeringError(f"{where}.vector: expected a [D] tensor or a bank id")
-        try:
-            mode = SteerMode(int(term.mode))
-        except ValueError:
-            raise SteeringError(f"{where}.mode: {term.mode!r} is not a SteerMode "
-                                f"({', '.join(m.name for m in SteerMode)})") from None
-        del mode
-        if term.point not in POINTS:
-            raise SteeringError(f"{where}.point: {term.point!r} is not one of {list(POINTS)}")
-        if not math.isfinite(float(term.coefficient)):
-            raise SteeringError(f"{where}.coefficient: must be finite, got {term.coefficient}")
-        layers = list(term.layers)
-        if not layers:
-            raise SteeringError(f"{where}.layers: empty")
-        for layer in layers:
-            if not isinstance(layer, int) or not -num_layers <= layer < num_layers:
-                raise SteeringError(f"{where}.layers: {layer!r} out of range [-{num_layers}, {num_layers})")
+            raise SteeringError(f"{where}.vector: a {type(term.vector).__name__}, expected a [D] tensor "
+                                "or a bank id (int)")
+        mode_value = term.mode
+        if not is_int(mode_value) or not 0 <= int(mode_value) < len(SteerMode):
+            raise SteeringError(f"{where}.mode: {mode_value!r} is not a SteerMode "
+                                f"({', '.join(f'{m.name}={int(m)}' for m in SteerMode)})")
+        check_str(term.point, f"{where}.point", SteeringError, choices=list(POINTS))
+        check_number(term.coefficient, f"{where}.coefficient", SteeringError,
+                     rule="a finite number, in every mode")
+        layers = check_int_list(term.layers, f"{where}.layers", SteeringError, lo=-num_layers,
+                                hi=num_layers - 1, what="layer indices", nonempty=True,
+                                rule=f"layer indices are in [-{num_layers}, {num_layers})")
         # A layer named twice in one term (3 and -L+3 too) is one term there, as resolve_spec lays it out.
         for layer in dict.fromkeys(l % num_layers for l in layers):
             key = (layer, POINTS[term.point])
@@ -197,7 +219,31 @@ def validate_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
                 raise SteeringError(
                     f"{where}: more than max_terms_per_row={max_terms} terms at layer "
                     f"{key[0]} point {term.point}")
+    if new_vectors > bank.capacity:
+        raise SteeringError(f"{field}.terms: {new_vectors} new vectors, more than "
+                            f"{bank.limit_name}={bank.capacity}")
     return new_vectors
+
+
+def validate_monitor(monitor: MonitorSpec | None, num_layers: int, bank: VectorBank,
+                     field: str = "monitor") -> int:
+    """Check a monitor strictly (as validate_spec); returns how many monitor-bank slots it needs."""
+    if monitor is None:
+        return 0
+    if not isinstance(monitor, MonitorSpec):
+        raise SteeringError(f"{field}: a {type(monitor).__name__}, expected a MonitorSpec(vectors, layers, point)")
+    vectors = check_tensor(monitor.vectors, f"{field}.vectors", SteeringError, shape=(None, bank.dim),
+                           what=f"[M, {bank.dim}] (M vectors of the hidden size)")
+    if vectors.shape[0] < 1:
+        raise SteeringError(f"{field}.vectors: no vectors (M = 0)")
+    if vectors.shape[0] > bank.capacity:
+        raise SteeringError(f"{field}.vectors: {vectors.shape[0]} vectors, more than "
+                            f"{bank.limit_name}={bank.capacity}")
+    check_int_list(monitor.layers, f"{field}.layers", SteeringError, lo=-num_layers, hi=num_layers - 1,
+                   what="layer indices", nonempty=True,
+                   rule=f"layer indices are in [-{num_layers}, {num_layers})")
+    check_str(monitor.point, f"{field}.point", SteeringError, choices=list(POINTS))
+    return vectors.shape[0]
 
 
 def resolve_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
@@ -212,7 +258,7 @@ def resolve_spec(spec: SteeringSpec | None, num_layers: int, max_terms: int,
     scope = Scope.ASSISTANT_AND_GENERATED if spec is None else Scope(spec.scope)
     for term in (spec.terms if spec is not None else []):
         if isinstance(term.vector, torch.Tensor):
-            idx = bank.add(term.vector)
+            idx = bank.place(term.vector)
         else:
             idx = int(term.vector)
             bank.acquire(idx)
