@@ -42,6 +42,7 @@ from welfare_server.model.engine.requests import (PreparedRequest, Request, Requ
                                                   RequestRefused, prepare)
 from welfare_server.model.engine.sampling import SamplingRows, choose
 from welfare_server.model.engine.taps import Taps, projection_observer
+from welfare_server.model.fields import InvalidRequest
 from welfare_server.model.loading import LoadedModel
 from welfare_server.model.steering import (BLOCK_INPUT, BLOCK_OUTPUT, POINTS, ResolvedSteering, VectorBank,
                                            prompt_steer_mask, resolve_spec, token_term_tables)
@@ -251,8 +252,8 @@ class Engine:
         for i, request in enumerate(requests):
             try:
                 prepared.append(prepare(request, self._context))
-            except RequestRefused as error:
-                raise type(error)(f"requests[{i}]: {error}") from None
+            except InvalidRequest as error:
+                raise type(error)(f"requests[{i}].{error}") from None
         handles = self._enqueue(prepared)
         self.run_until_done()
         return [h.output for h in handles]

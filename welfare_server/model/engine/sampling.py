@@ -28,9 +28,15 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Te
     key = _hash32((seed[:, None] & _M32) ^ _hash32((step[:, None] * 0x9E3779B1) & _M32))
     key = _hash32(key ^ ((seed[:, None] >> 32) & _M32))
     h = _hash32((idx * 0x27D4EB2F + key) & _M32)
-    h = _hash32(h ^ key)
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exactly representable
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(hash_to_uniform(_hash32(h ^ key))))
+
+
+def hash_to_uniform(h: torch.Tensor) -> torch.Tensor:
+    """fp32 u strictly inside (0, 1) from 32-bit hash values (int64 tensors)."""
+    # 23 bits: (k + 0.5) * 2^-23 is exact in fp32 for k < 2^23, so u lies in [2^-24, 1 - 2^-24] and
+    # the noise is finite. (With 24 bits, k = 2^24 - 1 rounded u up to 1.0: +inf noise at one token
+    # in 2^24, about one sampled step in 340 at SmolLM2's vocabulary, chose a random token.)
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
