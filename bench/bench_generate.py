@@ -92,7 +92,7 @@ def main() -> None:
         eng = Engine(lm, EngineConfig(max_batch_slots=B, max_context_len=T + n_new,
                                       max_bank_vectors=max(B, 8), max_prefill_tokens=max(8192, B * T)))
         t0 = time.perf_counter()
-        warm = eng.warmup([eng._bucket(B)], ctx=T + n_new)
+        warm = eng.warmup([eng.passes.bucket(B)], ctx=T + n_new)
         if warm:
             print(f"graph warm-up: {warm:.2f}s ({time.perf_counter() - t0:.2f}s)")
 

@@ -285,15 +285,15 @@ def test_warmup_captures_the_keys_decode_uses(get_model, monkeypatch):
     eng = Engine(lm, EngineConfig(max_batch_slots=4, max_context_len=64, graph_ctx_bucket=16,
                                   static_decode=True))
     keys = []
-    eng.use_graphs = True  # CPU: record the keys instead of capturing
-    monkeypatch.setattr(eng, "_graph_run", keys.append)
+    eng.passes.use_graphs = True  # CPU: record the keys instead of capturing
+    monkeypatch.setattr(eng.passes.graphs, "run", keys.append)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     eng.warmup([3], ctx=40)
     assert {k[1] for k in keys} == {16, 32, 48} and {k[0] for k in keys} == {4}
-    assert {eng._ctx_bucket(n) for n in range(1, 41)} <= {k[1] for k in keys}
+    assert {eng.passes.ctx_bucket(n) for n in range(1, 41)} <= {k[1] for k in keys}
     eng.submit(Request(prompt=rand_prompts([5], seed=1)[0], sampling=greedy(8)))
-    eng.use_graphs = False
+    eng.passes.use_graphs = False
     eng.step()
-    eng.use_graphs = True
+    eng.passes.use_graphs = True
     with pytest.raises(RuntimeError, match="before traffic"):
         eng.warmup([1])

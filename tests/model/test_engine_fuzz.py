@@ -89,4 +89,4 @@ def test_random_traffic_never_leaks_or_crashes(get_model, seed):
     # Nothing leaked: every slot free, only the persistent vector left in the bank.
     assert eng.num_running == 0 and sorted(eng._free_slots) == list(range(LIMITS["max_batch_slots"]))
     assert eng.bank.num_free == bank_free and eng.monitor_bank.num_free == monitor_free
-    assert (eng.tv == -1).all()
+    assert (eng.passes.tv == -1).all()

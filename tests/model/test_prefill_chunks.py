@@ -71,7 +71,7 @@ def test_padded_positions_never_reach_the_cache(get_model):
     lens = [19, 5, 24]
     eng.generate([Request(prompt=p, sampling=greedy(1)) for p in rand_prompts(lens, seed=14)])
     for slot, n in enumerate(lens):  # slots are claimed in submission order on a fresh engine
-        for cache in (eng.k_cache, eng.v_cache):
+        for cache in (eng.passes.k_cache, eng.passes.v_cache):
             assert cache[:, slot, :, :n].abs().amax(-1).gt(0).all()
             assert not cache[:, slot, :, n:].any()
 
@@ -85,7 +85,7 @@ def test_prompt_over_max_prefill_tokens_runs_and_context_still_bounds(get_model)
     specs = [SteeringSpec([SteeringTerm(rand_vec(D, 5), [1], 4.0)], Scope.ALL), None]
     outs = eng.generate([Request(prompt=p, steering=s, sampling=greedy(8)) for p, s in zip(prompts, specs)])
     assert [o.token_ids for o in outs] == hf_generate_steered(lm.model, prompts, specs, 8)
-    with pytest.raises(RequestRefused, match=r"sampling.max_new_tokens: 25 with a prompt of 40 tokens exceeds "
+    with pytest.raises(RequestRefused, match=r"sampling.max_new_tokens: 25 with a context of 40 tokens exceeds "
                                              r"max_context_len=64"):
         eng.submit(Request(prompt=prompts[0], sampling=greedy(25)))
     with pytest.raises(RequestRefused, match="max_context_len=64"):

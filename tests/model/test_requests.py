@@ -34,7 +34,7 @@ def engine(get_model):
 def _state(eng):
     """Everything a refusal must leave untouched."""
     return (eng.num_waiting, eng.num_running, tuple(eng._free_slots), eng.bank.num_free,
-            eng.monitor_bank.num_free, frozenset(eng._live_ids), bool((eng.tv == -1).all()),
+            eng.monitor_bank.num_free, frozenset(eng._live_ids), bool((eng.passes.tv == -1).all()),
             eng._seed_rng.get_state().clone(), next_id(eng))
 
 

@@ -80,15 +80,15 @@ def test_static_step_has_no_host_sync_and_one_launch_per_point(get_model, gpu_ke
                                   static_decode=True))
     # Every slot carries a term at every layer and point, as the bank/table buffers would hold.
     idx = eng.register_vector(rand_vec(D, 1))
-    eng.tv[:, :, :, 0] = idx
-    eng.tc[:, :, :, 0] = 2.0
-    eng.tm[:, :, :, 0] = int(SteerMode.ADD_RENORM)
-    eng.pos_buf[:4] = torch.tensor([3, 7, 0, 15])
-    eng.ids_buf[:4] = torch.tensor([5, 9, 11, 13])
+    eng.passes.tv[:, :, :, 0] = idx
+    eng.passes.tc[:, :, :, 0] = 2.0
+    eng.passes.tm[:, :, :, 0] = int(SteerMode.ADD_RENORM)
+    eng.passes.pos_buf[:4] = torch.tensor([3, 7, 0, 15])
+    eng.passes.ids_buf[:4] = torch.tensor([5, 9, 11, 13])
     recorder = _OpRecorder()
     recorder.hidden_shape = (4, D)
     with torch.inference_mode(), recorder:
-        logits = eng._static_step(4, 16, steer_in, steer_out)
+        logits = eng.passes.static_step(4, 16, steer_in, steer_out)
     assert recorder.syncs == []
     assert logits.shape == (4, eng.vocab)
     # Every RMSNorm of the step is one launch of the steer_rmsnorm kernel (with the block-input

@@ -290,14 +290,20 @@ def token_term_tables(vector: torch.Tensor, coef: torch.Tensor, mode: torch.Tens
     return tv.contiguous(), per_token(coef).contiguous(), per_token(mode).contiguous()
 
 
+GENERATED_ROLE = "generated"
+"""Role of a token the model generated that is fed back as input: a session's last answer token
+when its next turn continues it. Generated tokens are steered in every scope."""
+
+
 def prompt_steer_mask(scope: Scope, roles: Sequence[str] | None, n: int) -> torch.Tensor:
     """bool [n]: which prompt tokens a request's steering touches under `scope`.
 
-    roles[i] is the chat role of prompt token i ("user", "system", "assistant", ...); a prompt
-    given as raw ids has no roles, and under ASSISTANT_AND_GENERATED it counts as user text.
+    roles[i] is the chat role of prompt token i ("user", "system", "assistant") or GENERATED_ROLE;
+    a prompt given as raw ids has no roles, and under ASSISTANT_AND_GENERATED it counts as user text.
     """
     if scope == Scope.ALL:
         return torch.ones(n, dtype=torch.bool)
-    if scope == Scope.GENERATED or roles is None:
+    if roles is None:
         return torch.zeros(n, dtype=torch.bool)
-    return torch.tensor([r == "assistant" for r in roles], dtype=torch.bool)
+    steered = (GENERATED_ROLE,) if scope == Scope.GENERATED else (GENERATED_ROLE, "assistant")
+    return torch.tensor([r in steered for r in roles], dtype=torch.bool)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from welfare_server.kernels import MAX_TERMS
-from welfare_server.model.fields import check_bool, check_int, is_int
+from welfare_server.model.fields import check_bool, check_int, check_str, is_int
 
 MAX_SLOTS = 65536
 """Upper bound of max_batch_slots (rows of every per-slot table)."""
@@ -54,7 +54,20 @@ class EngineConfig:
     max_message_chars: int = 1 << 20
     """Characters of one chat message's content (checked before tokenising it)."""
     max_request_id_chars: int = 256
-    """Characters of a request id given by the caller."""
+    """Characters of a request id (or session id) given by the caller."""
+    max_stream_events: int = 1024
+    """Undelivered token events one streamed request may hold (stream.py); a consumer that falls
+    further behind has its request cancelled with finish_reason "error"."""
+    max_sessions: int | None = None
+    """Sessions open at once (each holds a KV-cache slot between its turns); None = max_batch_slots.
+    At most max_batch_slots."""
+    max_session_tokens: int | None = None
+    """Tokens cached by all open sessions together; None = max_sessions x max_context_len (no
+    limit beyond the slots themselves)."""
+    session_policy: str = "evict_lru"
+    """What happens when a session limit (or a slot) is needed and none is free: "evict_lru" closes
+    the least recently used idle session (its next use is refused, saying so), "refuse" refuses the
+    request or the new session with RequestRefused naming the limit."""
     use_cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (CUDA only; ignored on CPU)."""
     static_decode: bool | None = None
@@ -89,8 +102,15 @@ class EngineConfig:
         positive("prefill_chunk_tokens", 1)
         positive("max_waiting", 1)
         for name in ("max_stop_sequences", "max_stop_string_chars", "max_messages", "max_message_chars",
-                     "max_request_id_chars"):
+                     "max_request_id_chars", "max_stream_events"):
             positive(name, 0 if name == "max_stop_sequences" else 1)
+        if self.max_sessions is None:
+            self.max_sessions = self.max_batch_slots
+        positive("max_sessions", 0, self.max_batch_slots)
+        if self.max_session_tokens is None:
+            self.max_session_tokens = self.max_sessions * self.max_context_len
+        positive("max_session_tokens", 0)
+        check_str(self.session_policy, "EngineConfig.session_policy", ValueError, choices=("refuse", "evict_lru"))
         positive("graph_ctx_bucket", 1)
         positive("seed", 0, 2**63 - 1)
         for name in ("use_cuda_graphs", "fuse_weights", "cpu_prepack"):

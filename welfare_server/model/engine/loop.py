@@ -1,27 +1,29 @@
-"""Engine: the scheduler, the KV cache and the decode loop (docs/engine.md describes one step).
+"""Engine: the scheduler of the generation loop (docs/engine.md describes one step).
 
 The engine reuses the Hugging Face model's weights through the ModelAdapter (adapter.py) and runs
-its own loop: embed -> per layer: the previous residual add, steering at block input and the input
-RMSNorm in one pass -> attention over the engine's KV cache -> residual add and the MLP's norm in
-one pass -> MLP -> steer at block output -> final norm -> lm_head -> sampling. There are no
-forward hooks on the hot path: steering and readings are Taps (taps.py), and the decode step can
-be captured in a CUDA graph (graphs.py).
+its own loop over its own KV cache (passes.py): embed -> per layer: the previous residual add,
+steering at block input and the input RMSNorm in one pass -> attention over the cache -> residual
+add and the MLP's norm in one pass -> MLP -> steer at block output -> final norm -> lm_head ->
+sampling (sampling.py). There are no forward hooks on the hot path: steering and readings are Taps
+(taps.py), and the decode step can be captured in a CUDA graph (graphs.py).
 
-Scheduling: step() (1) retires cancelled requests, (2) admits waiting requests into free slots (in
-arrival order; one whose vectors do not fit in the bank yet waits without holding up later requests
-that fit), prefills them in padded groups, chunk by chunk along the prompt
-(EngineConfig.prefill_chunk_tokens), and samples their first token, (3) decodes one token for
-every running request.
+Scheduling: step() (1) runs queued session commands (open/fork/close from other threads),
+(2) retires cancelled requests, (3) admits waiting requests into slots (in arrival order; one whose
+vectors do not fit in the bank yet waits without holding up later requests that fit; a session's
+turn reuses its session's slot), prefills them in padded groups, chunk by chunk
+(EngineConfig.prefill_chunk_tokens), and samples their first token, (4) decodes one token for every
+running request.
 
-Concurrency: one thread owns the loop (calls step / run_until_done / generate); any thread may
-submit and cancel. submit() validates on the caller's thread (requests.prepare reads engine state,
-never writes it) and then appends to the waiting queue under a lock; cancel() only sets a flag that
-the next step acts on.
+Concurrency: one thread owns the loop: the caller of step()/run_until_done()/generate(), or the
+engine's own thread after start(). Any thread may submit(), cancel(), read a handle or its stream,
+and call the session methods: submit() validates on the caller's thread (requests.prepare reads
+engine state, never writes it) and appends to the waiting queue under a lock; cancel() only sets a
+flag that the next step acts on; session commands run on the loop's thread between steps.
 
 Weights: the engine reads the HF model's parameters in place (fused q/k/v and gate/up tensors,
 whose HF parameters become views of them) and keeps packed copies on CPU (cpu_linear.py). A trainer
-that updates the model's weights in place calls refresh_weights() before the next step; the
-engine never changes the weights itself.
+that updates the model's weights in place calls refresh_weights() between steps; the engine never
+changes the weights itself.
 """
 
 from __future__ import annotations
@@ -29,27 +31,32 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from welfare_server.model.engine.adapter import ModelAdapter
-from welfare_server.model.engine.attention import additive_mask, attends, gqa_attention, slot_rows
 from welfare_server.model.engine.config import EngineConfig
-from welfare_server.model.engine.graphs import GraphCache
+from welfare_server.model.engine.passes import DecodeRow, ForwardPasses, PrefillRow
 from welfare_server.model.engine.requests import (PreparedRequest, Request, RequestContext, RequestOutput,
                                                   RequestRefused, prepare)
 from welfare_server.model.engine.sampling import SamplingRows, choose
-from welfare_server.model.engine.taps import Taps, projection_observer
-from welfare_server.model.fields import InvalidRequest
+from welfare_server.model.engine.sessions import Session, SessionTable
+from welfare_server.model.engine.stream import EventBuffer, IncrementalText, StreamEvent, StreamOverflow
+from welfare_server.model.fields import InvalidRequest, check_int, check_str
 from welfare_server.model.loading import LoadedModel
-from welfare_server.model.steering import (BLOCK_INPUT, BLOCK_OUTPUT, POINTS, ResolvedSteering, VectorBank,
-                                           prompt_steer_mask, resolve_spec, token_term_tables)
+from welfare_server.model.steering import (GENERATED_ROLE, POINTS, ResolvedSteering, VectorBank,
+                                           prompt_steer_mask, resolve_spec)
+
+IDLE_WAIT_S = 0.05
+"""How long the engine's own thread sleeps when it has no work, between checks for a stop."""
 
 
 class RequestHandle:
-    """A submitted request: its id, whether it is done, its output (complete once done)."""
+    """A submitted request: its id, whether it is done, its output (complete once done), its
+    stream of events (Request.stream) and cancellation; usable from any thread."""
 
     def __init__(self, engine: "Engine", seq: "_Seq"):
         self._engine = engine
@@ -61,7 +68,7 @@ class RequestHandle:
 
     @property
     def done(self) -> bool:
-        return self._seq.output.finish_reason is not None
+        return self._seq.done.is_set()
 
     @property
     def output(self) -> RequestOutput:
@@ -69,6 +76,40 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self._engine.cancel(self)
+
+    def wait(self, timeout: float | None = None) -> RequestOutput:
+        """The output once the request has finished (the engine must be running: start(), or
+        another thread calling step())."""
+        if not self._seq.done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id!r} did not finish within {timeout} s")
+        return self.output
+
+    def _buffer(self) -> EventBuffer:
+        if self._seq.events is None:
+            raise ValueError(f"request {self.request_id!r} was not submitted with stream=True")
+        return self._seq.events
+
+    def stream(self, timeout: float | None = None):
+        """Yield the request's StreamEvents (blocking), the final one last. With no engine thread
+        running, the loop is driven from here (step() between events)."""
+        buffer = self._buffer()
+        while True:
+            if not self._engine._loop_running():
+                while not buffer._events and self._engine.has_work():
+                    self._engine.step()
+            event = buffer.get(timeout)
+            yield event
+            if event.final:
+                return
+
+    async def astream(self):
+        """Async iterator over the request's StreamEvents (the engine runs in its own thread)."""
+        buffer = self._buffer()
+        while True:
+            event = await buffer.aget()
+            yield event
+            if event.final:
+                return
 
 
 @dataclass
@@ -80,23 +121,39 @@ class _Seq:
     slot: int = -1
     length: int = 0  # tokens in the cache
     next_token: int = -1
+    feed: list[int] = field(default_factory=list)  # tokens the prefill writes (pending + new, per turn)
+    feed_roles: list[str] | None = None
     allowed: torch.Tensor | None = None  # bool [V] on the device, or None
     monitor_ids: list[int] = field(default_factory=list)
     monitor_lp: list[tuple[int, int]] = field(default_factory=list)
     monitor_rows: list[torch.Tensor] = field(default_factory=list)
     cancelled: bool = False
+    admitted: bool = False
+    events: EventBuffer | None = None
+    text: IncrementalText | None = None
+    """Incremental decode of the output (streamed requests and those with stop strings)."""
+    stop_at: int | None = None
+    """Where a stop string starts in the text, once one has appeared."""
+    stop_scan: int = 0
+    """Characters of the text already searched for stop strings."""
+    done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def request(self) -> Request:
         return self.prepared.request
 
     @property
-    def prompt_ids(self) -> list[int]:
-        return self.prepared.prompt_ids
+    def session(self) -> Session | None:
+        return self.prepared.session
+
+    @property
+    def prefill_only(self) -> bool:
+        return self.request.sampling.max_new_tokens == 0
 
 
 class Engine:
-    """Continuous-batching generation with per-request steering. See the module docstring."""
+    """Continuous-batching generation with per-request steering, streaming and multi-turn
+    sessions. See the module docstring."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.cfg = cfg = config or EngineConfig()
@@ -106,35 +163,25 @@ class Engine:
         self.device, self.dtype = loaded.device, loaded.dtype
         self.adapter = ModelAdapter(loaded.model, max_positions=cfg.max_context_len, dtype=self.dtype,
                                     device=self.device, fuse_weights=cfg.fuse_weights, cpu_prepack=cfg.cpu_prepack)
-        ad = self.adapter
-        l0 = ad.layers[0]
-        S, T = cfg.max_batch_slots, cfg.max_context_len
-        dev = self.device
-        # KV cache [L, S, kv_heads, T, head_dim]: all memory the engine will ever use for it.
-        self.k_cache = torch.zeros(ad.L, S, l0.n_kv, T, l0.head_dim, dtype=self.dtype, device=dev)
-        self.v_cache = torch.zeros_like(self.k_cache)
-        # Vector banks and per-slot term tables (fixed buffers: graphs read their addresses).
-        self.bank = VectorBank(cfg.max_bank_vectors, ad.D, dev)
-        self.monitor_bank = VectorBank(cfg.max_monitor_vectors, ad.D, dev, limit_name="max_monitor_vectors")
-        NT = cfg.max_terms_per_row
-        self.tv = torch.full((ad.L, 2, S, NT), -1, dtype=torch.int32, device=dev)
-        self.tc = torch.zeros((ad.L, 2, S, NT), dtype=torch.float32, device=dev)
-        self.tm = torch.zeros((ad.L, 2, S, NT), dtype=torch.int32, device=dev)
-        self._slot_width = torch.zeros((S, ad.L, 2), dtype=torch.int64)  # host copy: terms per slot
-        # Static-step input buffers.
-        self.ids_buf = torch.zeros(S, dtype=torch.long, device=dev)
-        self.pos_buf = torch.zeros(S, dtype=torch.long, device=dev)
-        self.use_graphs = cfg.use_cuda_graphs and dev.type == "cuda"
-        self._graphs = GraphCache(self._static_step)
-        self.static = self.use_graphs if cfg.static_decode is None else cfg.static_decode
+        self.bank = VectorBank(cfg.max_bank_vectors, self.adapter.D, self.device)
+        self.monitor_bank = VectorBank(cfg.max_monitor_vectors, self.adapter.D, self.device,
+                                       limit_name="max_monitor_vectors")
+        self.passes = ForwardPasses(self.adapter, cfg, self.bank, self.monitor_bank)
+        S = cfg.max_batch_slots
         self._free_slots = list(range(S - 1, -1, -1))
         self._slots: list[_Seq | None] = [None] * S
         self._waiting: list[_Seq] = []
-        self._queue_lock = threading.Lock()  # guards _waiting and _live_ids against submitting threads
+        self._lock = threading.Lock()  # guards the queue, live ids and sessions against other threads
+        self._wakeup = threading.Condition(self._lock)
+        self._commands: list[tuple[Callable, Future]] = []
         self._live_ids: set[str] = set()
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(cfg.seed)
-        self._tables_cache = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self.sessions = SessionTable(cfg.max_sessions, cfg.max_session_tokens, cfg.session_policy,
+                                     tombstones=max(1, cfg.max_sessions) * 4)
         try:
             tok = loaded.tokenizer
         except Exception:  # noqa: BLE001 - a model without tokenizer still generates token ids
@@ -147,9 +194,9 @@ class Engine:
         if eos is None and tok is not None:
             eos = tok.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._context = RequestContext(config=cfg, num_layers=ad.L, vocab=ad.vocab, bank=self.bank,
-                                       monitor_bank=self.monitor_bank, tokenizer=tok, eos_ids=self.eos_ids,
-                                       live_request_ids=self._live_ids)
+        self._context = RequestContext(config=cfg, num_layers=self.adapter.L, vocab=self.adapter.vocab,
+                                       bank=self.bank, monitor_bank=self.monitor_bank, tokenizer=tok,
+                                       eos_ids=self.eos_ids, live_request_ids=self._live_ids, sessions=self.sessions)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -185,7 +232,13 @@ class Engine:
         """Validate and queue a request (from any thread). Raises RequestRefused / SteeringError,
         naming the field, when it is invalid or can never run under the configured limits; a
         refused request leaves the engine unchanged."""
-        return self._enqueue([prepare(request, self._context)])[0]
+        return self._enqueue([self._prepare(request)])[0]
+
+    def _prepare(self, request: Request) -> PreparedRequest:
+        if self._failure is not None:
+            raise RequestRefused(f"engine: stopped after an internal error ({self._failure!r})")
+        with self._lock:  # sessions' state is read consistently with the loop's updates
+            return prepare(request, self._context)
 
     def cancel(self, handle: RequestHandle) -> None:
         """Mark a request cancelled (from any thread); its slot is freed at the start of the next step."""
@@ -200,18 +253,19 @@ class Engine:
         return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self.num_running > 0
+        return bool(self._waiting) or self.num_running > 0 or bool(self._commands)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One scheduling step; returns the outputs of requests finished during it."""
+        self._run_commands()
         finished: list[_Seq] = []
-        with self._queue_lock:
+        with self._lock:
             for seq in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(seq)
-                self._live_ids.discard(seq.output.request_id)
-                seq.output.finish_reason = "cancelled"
                 finished.append(seq)
+        for seq in finished:
+            self._finish(seq, "cancelled")
         for seq in self._slots:
             if seq is not None and seq.cancelled:
                 self._finish(seq, "cancelled")
@@ -220,8 +274,8 @@ class Engine:
         if new:
             budget = self.cfg.max_prefill_tokens
             group: list[_Seq] = []
-            for seq in sorted(new, key=lambda s: len(s.prompt_ids)):
-                longest = max([len(s.prompt_ids) for s in group] + [len(seq.prompt_ids)])
+            for seq in sorted(new, key=lambda s: len(s.feed)):
+                longest = max([len(s.feed) for s in group] + [len(seq.feed)])
                 if group and longest * (len(group) + 1) > budget:
                     finished += self._prefill(group)
                     group = []
@@ -245,23 +299,36 @@ class Engine:
         refusal leaves the engine as it found it (nothing of this call is left queued)."""
         if not isinstance(requests, (list, tuple)):
             raise RequestRefused(f"requests: a {type(requests).__name__}, expected a list of Request")
-        prepared = []
         ids = [r.request_id for r in requests if isinstance(r, Request) and r.request_id is not None]
         if len(ids) != len(set(ids)):
             raise RequestRefused("request.request_id: the same id is given to two requests of this call")
+        sessions = [r.session_id for r in requests if isinstance(r, Request) and r.session_id is not None]
+        if len(sessions) != len(set(sessions)):
+            raise RequestRefused("request.session_id: one session is given two turns in this call")
+        prepared = []
         for i, request in enumerate(requests):
             try:
-                prepared.append(prepare(request, self._context))
+                prepared.append(self._prepare(request))
             except InvalidRequest as error:
                 raise type(error)(f"requests[{i}].{error}") from None
         handles = self._enqueue(prepared)
+        if self._loop_running():
+            return [h.wait() for h in handles]
         self.run_until_done()
         return [h.output for h in handles]
 
     def _enqueue(self, prepared: list[PreparedRequest]) -> list[RequestHandle]:
-        with self._queue_lock:
+        with self._lock:
             if len(self._waiting) + len(prepared) > self.cfg.max_waiting:
                 raise RequestRefused(f"queue full: max_waiting={self.cfg.max_waiting} requests already waiting")
+            for p in prepared:  # re-checked under the lock: another thread may have taken them
+                if p.request.request_id is not None and p.request.request_id in self._live_ids:
+                    raise RequestRefused(f"request.request_id: {p.request.request_id!r} is already used by a "
+                                         "live request")
+                if p.session is not None and (p.session.busy is not None
+                                              or self.sessions.sessions.get(p.session.session_id) is not p.session):
+                    raise RequestRefused(f"request.session_id: session {p.session.session_id!r} is busy or was "
+                                         "closed meanwhile")
             handles = []
             for p in prepared:
                 sp = p.request.sampling
@@ -271,10 +338,185 @@ class Engine:
                 output = RequestOutput(rid, list(p.prompt_ids), logprobs=[] if sp.logprobs else None,
                                        masked_logprobs=[] if sp.logprobs and p.allowed_ids is not None else None)
                 seq = _Seq(prepared=p, output=output, seed=seed)
+                if p.request.stream:
+                    seq.events = EventBuffer(self.cfg.max_stream_events)
+                if p.request.stream or sp.stop_strings:
+                    seq.text = IncrementalText(self.tokenizer, sp.stop_strings)
+                if p.session is not None:
+                    p.session.busy = rid
+                    self.sessions.touch(p.session)
                 self._waiting.append(seq)
                 self._live_ids.add(rid)
                 handles.append(RequestHandle(self, seq))
+            self._wakeup.notify_all()
             return handles
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, session_id: str | None = None) -> str:
+        """Open an empty session (from any thread); returns its id. Its first request's prompt
+        starts the conversation. Refused at max_sessions under session_policy "refuse"; under
+        "evict_lru" the least recently used idle session is closed to make room."""
+        if session_id is not None:
+            check_str(session_id, "session_id", RequestRefused, max_len=self.cfg.max_request_id_chars)
+        return self._on_loop(lambda: self._open_session(session_id))
+
+    def fork_session(self, source: str, count: int = 1) -> list[str]:
+        """Copy an idle session into `count` new sessions (their caches copied, so the shared
+        prefix is never prefilled again); returns their ids."""
+        check_str(source, "source", RequestRefused)
+        check_int(count, "count", RequestRefused, 1, self.cfg.max_batch_slots)
+        return self._on_loop(lambda: self._fork_session(source, count))
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session and free its cache slot at once (a turn still running in it is
+        cancelled first). Closing an evicted session only forgets that it was evicted."""
+        check_str(session_id, "session_id", RequestRefused)
+        self._on_loop(lambda: self._close_session(session_id))
+
+    def session_history(self, session_id: str) -> list[int]:
+        """Every token of the session so far (its prompts and generated tokens)."""
+        with self._lock:
+            return list(self.sessions.lookup(session_id, "session_id").history)
+
+    def _open_session(self, session_id):
+        if session_id is None:
+            session_id = self.sessions.new_id()
+        elif session_id in self.sessions.sessions:
+            raise RequestRefused(f"session_id: {session_id!r} is already open")
+        self._make_room_for_sessions(1, "max_sessions")
+        with self._lock:
+            return self.sessions.add(session_id).session_id
+
+    def _fork_session(self, source, count):
+        src = self.sessions.lookup(source, "source")
+        if src.busy is not None:
+            raise RequestRefused(f"source: session {source!r} is busy with request {src.busy!r}")
+        self._make_room_for_sessions(count, "max_sessions", keep=(source,))
+        need_slots = count if src.length else 0
+        self._make_room_for_slots(need_slots, keep=(source,), refuse=True)
+        ids = []
+        for _ in range(count):
+            with self._lock:
+                fork = self.sessions.add(self.sessions.new_id())
+            fork.length, fork.pending, fork.pending_role = src.length, src.pending, src.pending_role
+            fork.history = list(src.history)
+            if src.length:
+                fork.slot = self._free_slots.pop()
+                self.passes.copy_cache(src.slot, fork.slot, src.length)
+            ids.append(fork.session_id)
+        return ids
+
+    def _close_session(self, session_id):
+        with self._lock:
+            session = self.sessions.sessions.get(session_id)
+            if session is None:
+                if self.sessions.forget_tombstone(session_id):
+                    return
+                self.sessions.lookup(session_id, "session_id")  # raises: unknown
+        if session.busy is not None:
+            for seq in self._slots + self._waiting:
+                if seq is not None and seq.session is session:
+                    self._finish(seq, "cancelled")
+        with self._lock:
+            self.sessions.remove(session_id)
+        self._release_slot(session.slot)
+
+    def _make_room_for_sessions(self, n: int, limit: str, keep=()) -> None:
+        table = self.sessions
+        while len(table.sessions) + n > table.max_sessions:
+            victims = table.idle_lru(exclude=keep) if table.policy == "evict_lru" else []
+            if not victims:
+                raise RequestRefused(f"{limit}: {len(table.sessions)} sessions are open, the limit is "
+                                     f"max_sessions={table.max_sessions}")
+            self._evict(victims[0], f"evicted (least recently used) when max_sessions={table.max_sessions} was reached")
+
+    def _make_room_for_slots(self, n: int, keep=(), refuse: bool = False) -> bool:
+        """Free slots for n rows, evicting idle sessions under "evict_lru"; False if impossible
+        (or, with refuse, RequestRefused)."""
+        while len(self._free_slots) < n:
+            victims = [s for s in self.sessions.idle_lru(exclude=keep) if s.slot >= 0]
+            if self.sessions.policy != "evict_lru" or not victims:
+                if refuse:
+                    raise RequestRefused(f"count: {n} new sessions need {n} free cache slots, "
+                                         f"{len(self._free_slots)} are free (max_batch_slots="
+                                         f"{self.cfg.max_batch_slots})")
+                return False
+            self._evict(victims[0], "evicted (least recently used) to free a cache slot for another request")
+        return True
+
+    def _evict(self, session: Session, why: str) -> None:
+        with self._lock:
+            self.sessions.mark_evicted(session.session_id, why)
+        self._release_slot(session.slot)
+
+    def _release_slot(self, slot: int) -> None:
+        if slot >= 0:
+            self._free_slots.append(slot)
+            self._free_slots.sort(reverse=True)  # lowest slot first keeps the batch dense
+
+    # ------------------------------------------------------------------ the loop's own thread
+    def start(self) -> None:
+        """Run the loop in a thread of its own (idempotent); submit/stream/wait from any thread."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._serve, name="welfare-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop's thread after its current step (requests stay queued or running)."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        self._thread = None
+
+    def _loop_running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive() and threading.current_thread() is not thread
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping:
+                        return
+                    if not (self._waiting or self._commands or self.num_running):
+                        self._wakeup.wait(IDLE_WAIT_S)
+                        continue
+                self.step()
+        except BaseException as error:  # noqa: BLE001 - every waiting client must learn of it
+            self._failure = error
+            for seq in [s for s in self._slots if s is not None] + list(self._waiting):
+                self._finish(seq, "error", f"engine error: {error!r}")
+            with self._lock:
+                for _, future in self._commands:
+                    future.set_exception(error)
+                self._commands.clear()
+            raise
+
+    def _on_loop(self, fn: Callable):
+        """Run fn on the loop's thread (now, when this thread is the loop's)."""
+        if not self._loop_running():
+            with torch.inference_mode():
+                return fn()
+        future: Future = Future()
+        with self._lock:
+            self._commands.append((fn, future))
+            self._wakeup.notify_all()
+        return future.result()
+
+    def _run_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for fn, future in commands:
+            try:
+                future.set_result(fn())
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                future.set_exception(error)
 
     # ------------------------------------------------------------------ admission
     def _admit(self) -> list[_Seq]:
@@ -283,48 +525,82 @@ class Engine:
         # up the ones behind it: it waits for running requests (or the removal of persistent
         # vectors) to free slots, while later requests that fit are admitted.
         position = 0
-        with self._queue_lock:
-            while position < len(self._waiting) and self._free_slots:
+        while position < len(self._waiting):
+            with self._lock:
                 seq = self._waiting[position]
-                p = seq.prepared
-                if p.new_vectors > self.bank.num_free or p.monitor_vectors > self.monitor_bank.num_free:
-                    position += 1
-                    continue
+            p = seq.prepared
+            session = seq.session
+            needs_slot = session is None or session.slot < 0
+            if p.new_vectors > self.bank.num_free or p.monitor_vectors > self.monitor_bank.num_free:
+                position += 1
+                continue
+            if needs_slot and not self._free_slots and not self._make_room_for_slots(1, keep=self._busy_sessions()):
+                position += 1
+                continue
+            if session is not None and self.sessions.policy == "evict_lru":
+                self._make_room_for_tokens(session, len(p.prompt_ids) + p.request.sampling.max_new_tokens)
+            with self._lock:
                 self._waiting.pop(position)
-                new.append(seq)
-                seq.slot = self._free_slots.pop()
-                self._slots[seq.slot] = seq
-        for seq in new:
-            req = seq.request
-            seq.steering = resolve_spec(req.steering, self.L, self.cfg.max_terms_per_row, self.bank)
-            s = seq.slot
-            self.tv[:, :, s].copy_(seq.steering.vector)
-            self.tc[:, :, s].copy_(seq.steering.coef)
-            self.tm[:, :, s].copy_(seq.steering.mode)
-            self._slot_width[s] = seq.steering.width
-            if req.monitor is not None:
-                seq.monitor_ids = [self.monitor_bank.place(v) for v in req.monitor.vectors]
-                p = POINTS[req.monitor.point]
-                seq.monitor_lp = [(l % self.L, p) for l in req.monitor.layers]
-            if seq.prepared.allowed_ids is not None:
-                allowed = torch.zeros(self.vocab, dtype=torch.bool)
-                allowed[seq.prepared.allowed_ids] = True
-                seq.allowed = allowed.to(self.device)
-        if new:
-            self._tables_cache = None
+            seq.slot = self._free_slots.pop() if needs_slot else session.slot
+            self._slots[seq.slot] = seq
+            seq.admitted = True
+            self._start(seq)
+            new.append(seq)
         return new
 
-    def _finish(self, seq: _Seq, reason: str) -> None:
-        seq.output.finish_reason = reason
-        if seq.slot >= 0:
-            s = seq.slot
-            self.tv[:, :, s].fill_(-1)
-            self._slot_width[s].zero_()
-            self._slots[s] = None
-            self._free_slots.append(s)
-            self._free_slots.sort(reverse=True)  # lowest slot first keeps the batch dense
+    def _busy_sessions(self) -> tuple[str, ...]:
+        return tuple(sid for sid, s in self.sessions.sessions.items() if s.busy is not None)
+
+    def _make_room_for_tokens(self, session: Session, growth: int) -> None:
+        limit = self.cfg.max_session_tokens
+        while self.sessions.cached_tokens() + session.tokens + growth - session.length > limit:
+            victims = [s for s in self.sessions.idle_lru(exclude=(session.session_id,))]
+            if not victims:
+                return  # only busy sessions left: they are evicted once idle, if still over
+            self._evict(victims[0], f"evicted (least recently used) when max_session_tokens={limit} was reached")
+
+    def _start(self, seq: _Seq) -> None:
+        """Set an admitted request up in its slot: steering terms, monitors, allowed tokens, and the
+        tokens its prefill writes (a session's pending token first)."""
+        req, p = seq.request, seq.prepared
+        seq.steering = resolve_spec(req.steering, self.L, self.cfg.max_terms_per_row, self.bank)
+        self.passes.set_terms(seq.slot, seq.steering)
+        if req.monitor is not None:
+            seq.monitor_ids = [self.monitor_bank.place(v) for v in req.monitor.vectors]
+            point = POINTS[req.monitor.point]
+            seq.monitor_lp = [(l % self.L, point) for l in req.monitor.layers]
+        if p.allowed_ids is not None:
+            allowed = torch.zeros(self.vocab, dtype=torch.bool)
+            allowed[p.allowed_ids] = True
+            seq.allowed = allowed.to(self.device)
+        roles = p.roles
+        if roles is None and seq.session is not None:
+            roles = ["user"] * len(p.prompt_ids)
+        seq.feed, seq.feed_roles, seq.length = list(p.prompt_ids), roles, 0
+        session = seq.session
+        if session is not None:
+            seq.length = session.length
+            if session.pending is not None:
+                seq.feed = [session.pending] + seq.feed
+                seq.feed_roles = [session.pending_role] + roles
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        if seq.done.is_set():
+            return
+        out = seq.output
+        out.finish_reason = reason
+        out.error = error
+        slot = seq.slot
+        if slot >= 0:
+            self.passes.clear_terms(slot)
+            self._slots[slot] = None
+            if seq.session is None:
+                self._release_slot(slot)
             seq.slot = -1
-            self._tables_cache = None
+        else:
+            with self._lock:
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
         if seq.steering is not None:
             for idx in seq.steering.owned_ids:
                 self.bank.release(idx)
@@ -332,257 +608,101 @@ class Engine:
         for idx in seq.monitor_ids:
             self.monitor_bank.release(idx)
         seq.monitor_ids = []
-        with self._queue_lock:
-            self._live_ids.discard(seq.output.request_id)
+        self._final_text(seq)
+        with self._lock:
+            self._live_ids.discard(out.request_id)
+            if seq.session is not None:
+                self._keep_turn(seq, slot)
+        if seq.events is not None:
+            delta = seq.text.finish(out.text) if seq.text is not None else ""
+            seq.events.put(StreamEvent(out.request_id, text=delta, final=True, finish_reason=reason,
+                                       prompt_tokens=len(out.prompt_ids), completion_tokens=len(out.token_ids),
+                                       error=error))
+        seq.done.set()
+
+    def _keep_turn(self, seq: _Seq, slot: int) -> None:
+        """A session's turn ended: the session keeps what this turn cached (nothing if it never
+        ran) and its last token as pending. Called under the lock."""
+        session = seq.session
+        session.busy = None
+        self.sessions.touch(session)
+        if not seq.admitted:  # cancelled while waiting: the session is as it was
+            return
+        session.slot = slot
+        if seq.prefill_only:
+            session.length = seq.length
+            session.pending, session.pending_role = seq.feed[-1], seq.feed_roles[-1]
+        elif seq.output.token_ids:
+            session.length = seq.length
+            session.pending, session.pending_role = seq.output.token_ids[-1], GENERATED_ROLE
+        session.history += seq.prepared.prompt_ids + seq.output.token_ids
+
+    def _final_text(self, seq: _Seq) -> None:
+        """The output's text: cut at the stop string that ended it, else the decode of every token."""
+        out = seq.output
+        if self.tokenizer is None or seq.stop_at is not None:
+            return
+        out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if out.token_ids else ""
 
     def _materialise(self, seq: _Seq) -> RequestOutput:
         out = seq.output
-        if seq.monitor_rows:
+        if seq.monitor_rows and (out.monitor is None or out.monitor.shape[0] != len(seq.monitor_rows)):
             out.monitor = torch.stack(seq.monitor_rows)
-        if self.tokenizer is not None and out.token_ids and not seq.request.sampling.stop_strings:
-            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return out
 
-    # ------------------------------------------------------------------ taps
-    def _monitor_taps(self, taps: Taps, seqs: list[_Seq], into: dict) -> None:
-        """One projection observer per monitored (layer, point) of these rows, onto the whole
-        monitor bank (each row keeps its own columns)."""
-        for key in sorted({lp for s in seqs for lp in s.monitor_lp}):
-            taps.add_observer(*key, projection_observer(self.monitor_bank.tensor, into, key))
-
-    # ------------------------------------------------------------------ prefill
+    # ------------------------------------------------------------------ passes
     def _prefill(self, seqs: list[_Seq]) -> list[_Seq]:
-        """Prefill newly admitted requests, prefill_chunk_tokens positions per pass (the K/V of
-        earlier chunks are read back from the cache); samples their first token."""
-        if not seqs:
-            return []
-        dev = self.device
-        N = len(seqs)
-        lens = [len(s.prompt_ids) for s in seqs]
-        Tm = max(lens)
-        ids = torch.zeros((N, Tm), dtype=torch.long)
-        steer_mask = torch.zeros((N, Tm), dtype=torch.bool)
-        for r, s in enumerate(seqs):
-            n = lens[r]
-            ids[r, :n] = torch.tensor(s.prompt_ids)
-            steer_mask[r, :n] = prompt_steer_mask(s.steering.scope, s.prepared.roles, n)
-        ids, steer_mask = ids.to(dev), steer_mask.to(dev)
-        lens_t = torch.tensor(lens, device=dev)
-        # Each row's hidden state (and monitor projections) at its last prompt token, taken from
-        # the chunk that token lies in; logits are computed once, for these rows only.
-        last_h = torch.empty((N, self.D), dtype=self.dtype, device=dev)
-        last_mon: dict = {}
-        C = self.cfg.prefill_chunk_tokens
-        for c0 in range(0, Tm, C):
-            c1 = min(c0 + C, Tm)
-            # Rows whose prompt ended in an earlier chunk have nothing left to prefill.
-            rows = [r for r in range(N) if lens[r] > c0]
-            rows_t = torch.tensor(rows, device=dev)
-            h, mon_out = self._prefill_chunk([seqs[r] for r in rows], ids[rows_t, c0:c1],
-                                             steer_mask[rows_t, c0:c1], lens_t[rows_t], c0)
-            ending = [j for j, r in enumerate(rows) if lens[r] <= c1]
-            if ending:
-                at = torch.tensor([j * (c1 - c0) + lens[rows[j]] - 1 - c0 for j in ending], device=dev)
-                dest = rows_t[ending]
-                last_h[dest] = h[at]
-                for key, proj in mon_out.items():
-                    if key not in last_mon:
-                        last_mon[key] = proj.new_empty((N, proj.shape[1]))
-                    last_mon[key][dest] = proj[at]
-        logits = self.adapter.logits(last_h)
-        for s, n in zip(seqs, lens):
-            s.length = n
-        return self._sample_and_advance(seqs, logits, last_mon)
-
-    def _prefill_chunk(self, seqs, ids, steer_mask, lens, c0):
-        """One prefill pass over positions [c0, c0 + T) of rows `seqs` (ids, steer_mask [A, T],
-        padded past each row's length `lens` [A]): writes their K/V to the cache and attends over
-        cache positions [0, c0 + T). Returns the hidden states [A*T, D] and monitor projections."""
-        dev = self.device
-        A, T = ids.shape
-        c1 = c0 + T
-        slot_list = [s.slot for s in seqs]
-        slots = torch.tensor(slot_list, device=dev)
-        qpos = torch.arange(c0, c1, device=dev)
-        # Only real tokens are written: a padded position must never overwrite a cache entry.
-        real_row, real_tok = (qpos[None, :] < lens[:, None]).nonzero(as_tuple=True)
-        w_slot, w_pos = slots[real_row], qpos[real_tok]
-        # A padded query is masked as its row's last token: it never attends a position the row
-        # has not written, and never has every key masked (a NaN row) under a sliding window.
-        mask_pos = torch.minimum(qpos[None, :], lens[:, None] - 1)  # [A, T]
-        kpos = torch.arange(c1, device=dev)
-        cache_rows = slot_rows(slot_list, slots)
-        masks = {}
-
-        def mask_for(window, g):
-            if (window, g) not in masks:
-                m = attends(mask_pos, kpos, window)  # [A, T, c1]
-                # One row per (token, query head of a kv head), matching gqa_attention's layout.
-                masks[window, g] = additive_mask(m[:, None].repeat_interleave(g, dim=2), self.dtype)
-            return masks[window, g]
-
-        cs = self.adapter.rope_tables(qpos.repeat(A))
-
-        def attend(i, lay, q, k, v):
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[w_slot, :, w_pos] = k.view(A, T, lay.n_kv, lay.head_dim)[real_row, real_tok]
-            vc[w_slot, :, w_pos] = v.view(A, T, lay.n_kv, lay.head_dim)[real_row, real_tok]
-            return gqa_attention(lay, q, kc[cache_rows, :, :c1], vc[cache_rows, :, :c1],
-                                 mask_for(lay.window, lay.n_heads // lay.n_kv), A, T)
-
-        # Per-token term tables: each row's terms on the chunk's tokens its scope covers, -1 elsewhere.
-        taps = Taps(self.bank.tensor)
-        width = torch.stack([s.steering.width for s in seqs]).amax(0)  # [L, 2]
-        for l, p in (width > 0).nonzero().tolist():
-            w = int(width[l, p])
-            taps.steer_tables[(l, p)] = token_term_tables(self.tv[l, p, slots, :w], self.tc[l, p, slots, :w],
-                                                          self.tm[l, p, slots, :w], steer_mask)
-        mon_out = {}
-        self._monitor_taps(taps, seqs, mon_out)
-        h = self.adapter.embed(ids.reshape(-1))
-        h = self.adapter.forward(h, attend, taps, cs)
-        return h, mon_out
-
-    # ------------------------------------------------------------------ decode
-    def _decode_taps(self, slots_t, rows_key) -> Taps:
-        """Term tables of the running rows (rebuilt only when the batch composition changes)."""
-        if self._tables_cache is not None and self._tables_cache[0] == rows_key:
-            return self._tables_cache[1]
-        widths = self._slot_width[list(rows_key)].amax(0)  # [L, 2]
-        taps = Taps(self.bank.tensor)
-        for l, p in (widths > 0).nonzero().tolist():
-            w = int(widths[l, p])
-            # Gathered copies (the kernels want contiguous tables), made once per composition.
-            taps.steer_tables[(l, p)] = tuple(t[l, p, slots_t, :w] for t in (self.tv, self.tc, self.tm))
-        self._tables_cache = (rows_key, taps)
-        return taps
+        """Prefill newly admitted requests and sample their first token (prefill-only turns of a
+        session write all but their last token, which the session keeps pending)."""
+        work = []  # (seq, row) for every seq with tokens to write
+        for s in seqs:
+            ids = s.feed[:-1] if s.prefill_only else s.feed
+            if ids:
+                roles = s.feed_roles[:len(ids)] if s.feed_roles is not None else None
+                mask = prompt_steer_mask(s.steering.scope, roles, len(ids))
+                work.append((s, PrefillRow(s.slot, s.length, ids, mask, s.monitor_lp)))
+        finished = []
+        if work:
+            last_h, last_mon = self.passes.prefill([row for _, row in work])
+            for s, row in work:
+                s.length += len(row.ids)
+            keep = [i for i, (s, _) in enumerate(work) if not s.prefill_only]
+            if keep:
+                at = torch.tensor(keep, device=self.device)
+                logits = self.adapter.logits(last_h[at])
+                finished += self._sample_and_advance([work[i][0] for i in keep], logits,
+                                                     {k: v[at] for k, v in last_mon.items()})
+        for s in seqs:
+            if s.prefill_only:
+                self._finish(s, "length")
+                finished.append(s)
+        return finished
 
     def _decode(self, seqs: list[_Seq]) -> list[_Seq]:
-        monitored = any(s.monitor_lp for s in seqs)
-        # Monitoring reads per-layer projections on the host; it runs the eager path.
-        if self.static and not monitored:
-            return self._decode_static(seqs)
-        dev = self.device
-        B = len(seqs)
-        slot_list = tuple(s.slot for s in seqs)
-        slots = torch.tensor(slot_list, device=dev)
-        pos = torch.tensor([s.length for s in seqs], device=dev)
-        ids = torch.tensor([s.next_token for s in seqs], device=dev)
-        ctx = max(s.length for s in seqs) + 1
-        cache_rows = slot_rows(slot_list, slots)
-        kpos = torch.arange(ctx, device=dev)
-        masks = {}
-
-        def mask_for(window):
-            if window not in masks:
-                masks[window] = additive_mask(attends(pos, kpos, window)[:, None, None, :], self.dtype)  # [B, 1, 1, ctx]
-            return masks[window]
-
-        cs = self.adapter.rope_tables(pos)
-
-        def attend(i, lay, q, k, v):
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[slots, :, pos] = k
-            vc[slots, :, pos] = v
-            return gqa_attention(lay, q, kc[cache_rows, :, :ctx], vc[cache_rows, :, :ctx],
-                                 mask_for(lay.window), B, 1)
-
-        taps = self._decode_taps(slots, slot_list)
-        mon_out = {}
-        if monitored:
-            steer_only, taps = taps, Taps(self.bank.tensor)
-            taps.steer_tables = steer_only.steer_tables
-            self._monitor_taps(taps, seqs, mon_out)
-        h = self.adapter.embed(ids)
-        h = self.adapter.forward(h, attend, taps, cs)
-        logits = self.adapter.logits(h)
+        rows = [DecodeRow(s.slot, s.length, s.next_token, s.monitor_lp) for s in seqs]
+        logits, mon_out = self.passes.decode(rows)
         for s in seqs:
             s.length += 1
         return self._sample_and_advance(seqs, logits, mon_out)
 
-    # --- static (CUDA-graph) decode: all slots [0, bucket), fixed buffers, no host syncs inside.
-    def _bucket(self, n: int) -> int:
-        for b in self.cfg.graph_batch_buckets:
-            if b >= n and b <= self.cfg.max_batch_slots:
-                return b
-        return self.cfg.max_batch_slots
-
-    def _ctx_bucket(self, n: int) -> int:
-        """Cache length a static step attends over for contexts of n tokens (a graph-key field)."""
-        cb = self.cfg.graph_ctx_bucket
-        return min(self.cfg.max_context_len, -(-n // cb) * cb)
-
-    def _static_step(self, B: int, ctx: int, steer_in: bool, steer_out: bool):
-        """Logits [B, V] for slots [0, B) from ids_buf/pos_buf; every shape depends only on
-        (B, ctx), every tensor read is a fixed buffer, so the call can be graph-captured."""
-        pos = self.pos_buf[:B]
-        kpos = torch.arange(ctx, device=self.device)
-        masks = {}
-        rows = torch.arange(B, device=self.device)
-
-        cs = self.adapter.rope_tables(pos)
-
-        def attend(i, lay, q, k, v):
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            if lay.window not in masks:
-                masks[lay.window] = additive_mask(attends(pos, kpos, lay.window)[:, None, None, :], self.dtype)
-            return gqa_attention(lay, q, kc[:B, :, :ctx], vc[:B, :, :ctx], masks[lay.window], B, 1)
-
-        taps = Taps(self.bank.tensor)
-        for l in range(self.L):
-            for p, on in ((BLOCK_INPUT, steer_in), (BLOCK_OUTPUT, steer_out)):
-                if on:
-                    taps.steer_tables[(l, p)] = (self.tv[l, p, :B], self.tc[l, p, :B], self.tm[l, p, :B])
-        h = self.adapter.embed(self.ids_buf[:B])
-        h = self.adapter.forward(h, attend, taps, cs)
-        return self.adapter.logits(h)
-
-    def _decode_static(self, seqs: list[_Seq]) -> list[_Seq]:
-        B = self._bucket(max(s.slot for s in seqs) + 1)
-        ctx = self._ctx_bucket(max(s.length for s in seqs) + 1)
-        widths = self._slot_width[[s.slot for s in seqs]].amax(0)
-        steer_in, steer_out = bool(widths[:, BLOCK_INPUT].any()), bool(widths[:, BLOCK_OUTPUT].any())
-        # Inactive slots in [0, B) run on token 0 at position 0: harmless, their cache rows are
-        # rewritten by the next prefill that claims the slot.
-        ids = torch.zeros(self.cfg.max_batch_slots, dtype=torch.long)
-        pos = torch.zeros(self.cfg.max_batch_slots, dtype=torch.long)
-        for s in seqs:
-            ids[s.slot] = s.next_token
-            pos[s.slot] = s.length
-        self.ids_buf.copy_(ids, non_blocking=True)
-        self.pos_buf.copy_(pos, non_blocking=True)
-        key = (B, ctx, steer_in, steer_out)
-        if self.use_graphs:
-            logits_all = self._graph_run(key)
-        else:
-            logits_all = self._static_step(*key)
-        logits = logits_all[torch.tensor([s.slot for s in seqs], device=self.device)]
-        for s in seqs:
-            s.length += 1
-        return self._sample_and_advance(seqs, logits, {})
-
-    def _graph_run(self, key):
-        return self._graphs.run(key)
-
     def warmup(self, batch_sizes: Sequence[int] | None = None, ctx: int | None = None) -> float:
         """Capture decode graphs ahead of traffic for every context bucket up to `ctx` tokens
         (default: the first bucket), with and without block-input steering; returns seconds
-        spent. No-op off CUDA. Refused while requests run: the capture's warm-up steps rewrite
-        the cache at each slot's last position (without that row's steering)."""
-        if not self.use_graphs:
+        spent. No-op off CUDA. Refused while requests run (their rows would be written)."""
+        passes = self.passes
+        if not passes.use_graphs:
             return 0.0
         if self.num_running:
             raise RuntimeError("Engine.warmup: call it before traffic (requests are running)")
         t0 = time.perf_counter()
-        top = self._ctx_bucket(ctx or self.cfg.graph_ctx_bucket)
-        ctxs = sorted({self._ctx_bucket(n) for n in range(1, top + 1, self.cfg.graph_ctx_bucket)} | {top})
+        passes.pos_buf.fill_(self.cfg.max_context_len - 1)  # idle rows: see passes._decode_static
+        top = passes.ctx_bucket(ctx or self.cfg.graph_ctx_bucket)
+        ctxs = sorted({passes.ctx_bucket(n) for n in range(1, top + 1, self.cfg.graph_ctx_bucket)} | {top})
         with torch.inference_mode():
             for b in batch_sizes or [b for b in self.cfg.graph_batch_buckets if b <= self.cfg.max_batch_slots]:
                 for c in ctxs:
                     for steer_in in (False, True):
-                        self._graph_run((self._bucket(b), c, steer_in, False))
+                        passes.graphs.run((passes.bucket(b), c, steer_in, False))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -617,24 +737,53 @@ class Engine:
                 out.logprobs.append(lp[b])
             if out.masked_logprobs is not None:
                 out.masked_logprobs.append(masked_lp[b])
+            row = None
             if s.monitor_lp:
-                s.monitor_rows.append(torch.stack([mon_host[lp_][b, s.monitor_ids] for lp_ in s.monitor_lp]))
+                row = torch.stack([mon_host[key][b, s.monitor_ids] for key in s.monitor_lp])
+                s.monitor_rows.append(row)
             s.next_token = tok
             sp = s.request.sampling
             reason = None
+            delta = s.text.add(tok) if s.text is not None else ""
             if tok in s.prepared.stop_ids:
                 reason = "stop"
-            elif sp.stop_strings and self.tokenizer is not None:
-                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-                hits = [text.find(st) for st in sp.stop_strings if st and st in text]
-                if hits:
-                    out.text = text[:min(hits)]
+            elif sp.stop_strings and s.text is not None:
+                hit = self._stop_hit(s)
+                if hit is not None:
+                    out.text = s.text.text[:hit]
+                    s.stop_at = hit
                     reason = "stop"
-                else:
-                    out.text = text
             if reason is None and len(out.token_ids) >= sp.max_new_tokens:
                 reason = "length"
+            if s.events is not None and reason is None:
+                try:
+                    s.events.put(StreamEvent(out.request_id, token_id=tok, text=delta,
+                                             logprob=None if lp is None else lp[b],
+                                             masked_logprob=None if masked_lp is None else masked_lp[b],
+                                             monitor=row))
+                except StreamOverflow:
+                    reason = "error"
+            if s.events is not None and reason is not None and reason != "error":
+                # The last token's event carries no text: the final event releases the rest.
+                s.events.put(StreamEvent(out.request_id, token_id=tok, logprob=None if lp is None else lp[b],
+                                         masked_logprob=None if masked_lp is None else masked_lp[b], monitor=row))
             if reason is not None:
-                self._finish(s, reason)
+                error = None
+                if reason == "error":
+                    error = (f"stream consumer fell behind: more than max_stream_events="
+                             f"{self.cfg.max_stream_events} undelivered events")
+                self._finish(s, reason, error)
                 finished.append(s)
         return finished
+
+    @staticmethod
+    def _stop_hit(s: _Seq) -> int | None:
+        """Where the first stop string starts in the decoded text, looking only where a new one
+        can be (the tail the last token added, plus the longest stop string's length)."""
+        text = s.text.text
+        longest = max(len(st) for st in s.request.sampling.stop_strings)
+        begin = max(0, s.stop_scan - longest)
+        hits = [text.find(st, begin) for st in s.request.sampling.stop_strings]
+        s.stop_scan = len(text)
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None

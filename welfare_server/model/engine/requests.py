@@ -51,7 +51,9 @@ class SamplingParams:
     """None (the engine draws one) or an int64. Same seed + same prompt + same params = same
     tokens, whatever else is in the batch."""
     max_new_tokens: int = 64
-    """An int >= 1; prompt + max_new_tokens must fit in EngineConfig.max_context_len."""
+    """An int >= 1; prompt + max_new_tokens must fit in EngineConfig.max_context_len. 0 only in a
+    session: prefill-only, the turn caches its prompt and generates nothing (fork the session
+    then, and let each fork generate)."""
     stop_strings: Sequence[str] = ()
     """A list of non-empty strings (at most EngineConfig.max_stop_sequences, each at most
     max_stop_string_chars); generation stops when the text contains one (the text is cut there)."""
@@ -93,6 +95,14 @@ class Request:
     request_id: str | None = None
     """None (the engine names it) or a non-empty string of at most max_request_id_chars that no
     live request of this engine uses."""
+    session_id: str | None = None
+    """None, or the id of an open session (Engine.open_session) with no turn running: the prompt is
+    appended to the session's history (after its last token) and the cache of every earlier
+    token is reused; in a session that has a history the prompt may be empty, and messages are
+    refused (they render a whole conversation). After the request the session keeps its cache."""
+    stream: bool = False
+    """A bool: keep StreamEvents (one per token, then a final one) for RequestHandle.stream() /
+    astream()."""
 
 
 @dataclass
@@ -102,7 +112,9 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    """"stop" (stop id or string), "length" (max_new_tokens), "cancelled"; None while running."""
+    """"stop" (stop id or string), "length" (max_new_tokens), "cancelled", "error" (error says
+    what); None while running."""
+    error: str | None = None
     logprobs: list[float] | None = None
     masked_logprobs: list[float] | None = None
     """With allowed_token_ids and logprobs: each chosen token's log-probability under the
@@ -125,6 +137,8 @@ class RequestContext:
     eos_ids: frozenset
     live_request_ids: Any
     """A container of the request ids of queued and running requests."""
+    sessions: Any = None
+    """The engine's SessionTable (sessions.py)."""
 
 
 @dataclass
@@ -138,6 +152,8 @@ class PreparedRequest:
     new_vectors: int
     monitor_vectors: int
     allowed_ids: list[int] | None
+    session: Any = None
+    """The Session this request continues, or None."""
 
 
 def _refuse(message: str) -> RequestRefused:
@@ -170,7 +186,7 @@ def _check_messages(messages, cfg: EngineConfig, tokenizer) -> tuple[list[int], 
         raise _refuse(f"request.messages: the chat template cannot render them ({error})") from None
 
 
-def _check_sampling(sp, n_prompt: int, ctx: RequestContext):
+def _check_sampling(sp, n_prompt: int, ctx: RequestContext, in_session: bool):
     cfg, vocab = ctx.config, ctx.vocab
     if not isinstance(sp, SamplingParams):
         raise _refuse(f"request.sampling: a {type(sp).__name__}, expected a SamplingParams")
@@ -180,9 +196,10 @@ def _check_sampling(sp, n_prompt: int, ctx: RequestContext):
     if sp.seed is not None:
         check_int(sp.seed, "sampling.seed", RequestRefused, *SEED_RANGE, rule="None or an int64")
     room = cfg.max_context_len - n_prompt
-    max_new = check_int(sp.max_new_tokens, "sampling.max_new_tokens", RequestRefused, 1)
+    max_new = check_int(sp.max_new_tokens, "sampling.max_new_tokens", RequestRefused, 0 if in_session else 1,
+                        rule="an int >= 0 in a session (0: prefill only)" if in_session else "")
     if max_new > room:
-        raise _refuse(f"sampling.max_new_tokens: {max_new} with a prompt of {n_prompt} tokens exceeds "
+        raise _refuse(f"sampling.max_new_tokens: {max_new} with a context of {n_prompt} tokens exceeds "
                       f"max_context_len={cfg.max_context_len} (at most {max(room, 0)} here)")
     stops = check_sequence(sp.stop_strings, "sampling.stop_strings", RequestRefused, what="strings",
                            max_len=cfg.max_stop_sequences, limit_name="max_stop_sequences")
@@ -217,27 +234,49 @@ def prepare(request: Request, ctx: RequestContext) -> PreparedRequest:
         check_str(request.request_id, "request.request_id", RequestRefused, max_len=cfg.max_request_id_chars)
         if request.request_id in ctx.live_request_ids:
             raise _refuse(f"request.request_id: {request.request_id!r} is already used by a live request")
+    check_bool(request.stream, "request.stream", RequestRefused)
+    session = None
+    if request.session_id is not None:
+        check_str(request.session_id, "request.session_id", RequestRefused, max_len=cfg.max_request_id_chars)
+        session = ctx.sessions.lookup(request.session_id)
+        if session.busy is not None:
+            raise _refuse(f"request.session_id: session {request.session_id!r} is busy with request "
+                          f"{session.busy!r} (one turn at a time)")
+    history = session.tokens if session is not None else 0
     roles = None
     if request.messages is not None:
         if request.prompt_roles is not None:
             raise _refuse("request.prompt_roles: only with prompt (messages carry their roles)")
+        if history:
+            raise _refuse("request.messages: a session's later turns give token ids in request.prompt "
+                          "(the chat template renders whole conversations)")
         ids, roles = _check_messages(request.messages, cfg, ctx.tokenizer)
     else:
         ids = check_int_list(request.prompt, "request.prompt", RequestRefused, lo=0, hi=ctx.vocab - 1,
                              what="token ids", max_len=cfg.max_context_len, limit_name="max_context_len",
-                             nonempty=True, rule=f"token ids are in [0, {ctx.vocab})")
+                             nonempty=not history, rule=f"token ids are in [0, {ctx.vocab})")
         if request.prompt_roles is not None:
             roles = check_sequence(request.prompt_roles, "request.prompt_roles", RequestRefused, what="roles")
             if len(roles) != len(ids):
                 raise _refuse(f"request.prompt_roles: {len(roles)} roles for {len(ids)} prompt tokens")
             for i, role in enumerate(roles):
                 check_str(role, f"request.prompt_roles[{i}]", RequestRefused, choices=CHAT_ROLES)
-    if len(ids) >= cfg.max_context_len:
-        raise _refuse(f"request.prompt: {len(ids)} tokens leave no room to generate under "
-                      f"max_context_len={cfg.max_context_len}")
-    stop_ids, allowed = _check_sampling(request.sampling, len(ids), ctx)
+    context = history + len(ids)
+    if context >= cfg.max_context_len and not (session is not None and context == cfg.max_context_len):
+        raise _refuse(f"request.prompt: {len(ids)} tokens" + (f" after a session history of {history}" if history
+                                                              else "") +
+                      f" leave no room to generate under max_context_len={cfg.max_context_len}")
+    stop_ids, allowed = _check_sampling(request.sampling, context, ctx, session is not None)
+    if session is not None:
+        grown = context + request.sampling.max_new_tokens
+        others = ctx.sessions.cached_tokens() - session.length
+        if grown > cfg.max_session_tokens or (cfg.session_policy == "refuse" and others + grown > cfg.max_session_tokens):
+            raise _refuse(f"request.session_id: the session would cache up to {grown} tokens"
+                          + (f" beside {others} cached by the other sessions" if others else "")
+                          + f", more than max_session_tokens={cfg.max_session_tokens}")
     new_vectors = validate_spec(request.steering, ctx.num_layers, cfg.max_terms_per_row, ctx.bank)
     monitor_vectors = validate_monitor(request.monitor, ctx.num_layers, ctx.monitor_bank)
     return PreparedRequest(request=request, prompt_ids=list(ids), roles=roles, stop_ids=stop_ids,
-                           new_vectors=new_vectors, monitor_vectors=monitor_vectors, allowed_ids=allowed)
+                           new_vectors=new_vectors, monitor_vectors=monitor_vectors, allowed_ids=allowed,
+                           session=session)
 
