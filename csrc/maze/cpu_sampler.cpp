@@ -1,19 +1,43 @@
 #include "cpu_sampler.h"
 
 #include <cstdlib>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+#include "cpu_sampler_avx2.h"
+#define WS_HAVE_AVX2_PATH 1
 #endif
 
 namespace ws {
 namespace {
 
-// rules.h's routine (out of line with the tiles as constants, see DefaultSampler).
+// rules.h's routines (the sampler out of line with the tiles as constants, see DefaultSampler).
 void portable(uint8_t* grid, int32_t size, int32_t n, uint8_t from, uint8_t to, int64_t need,
               int64_t remaining, uint64_t key, uint64_t& counter) {
   DefaultSampler()(grid, size, n, from, to, need, remaining, key, counter);
 }
+void portable_walk(uint64_t g, uint64_t counter, uint64_t L, int32_t n, int32_t S, uint8_t* grid,
+                   int32_t& r, int32_t& c, int64_t& mold) {
+  random_walk(g, counter, L, n, S, grid, r, c, mold);
+}
+
+#ifdef WS_HAVE_AVX2_PATH
+// Out-of-line entry points for the function pointers (the routines are inline in the header).
+__attribute__((target("avx2,bmi,popcnt"))) void avx2_sample(uint8_t* grid, int32_t size, int32_t n,
+                                                            uint8_t from, uint8_t to, int64_t need,
+                                                            int64_t remaining, uint64_t key,
+                                                            uint64_t& counter) {
+  avx2::sample(grid, size, n, from, to, need, remaining, key, counter);
+}
+__attribute__((target("avx2,bmi,popcnt"))) void avx2_walk(uint64_t g, uint64_t counter,
+                                                          uint64_t L, int32_t n, int32_t S,
+                                                          uint8_t* grid, int32_t& r, int32_t& c,
+                                                          int64_t& mold) {
+  avx2::walk(g, counter, L, n, S, grid, r, c, mold);
+}
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WS_HAVE_AVX512_PATH 1
@@ -163,35 +187,54 @@ WS_AVX512_TARGET void avx512(uint8_t* grid, int32_t size, int32_t n, uint8_t fro
 #endif
 #endif
 
-SampleFn choose(const char** name) {
-  const char* off = std::getenv("WS_NO_SIMD");
-  const bool forbid = off != nullptr && off[0] != '\0' && off[0] != '0';
+bool avx512_supported() {
 #ifdef WS_HAVE_AVX512_PATH
   __builtin_cpu_init();
-  if (!forbid && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("bmi2")) {
-    *name = "avx512";
-    return &avx512;
-  }
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("bmi2");
+#else
+  return false;
 #endif
-  (void)forbid;
-  *name = "portable";
-  return &portable;
 }
 
-struct Choice {
-  const char* name = nullptr;
-  SampleFn fn = choose(&name);
-};
-const Choice& choice() {
-  static const Choice c;
-  return c;
+bool avx2_supported() {
+#ifdef WS_HAVE_AVX2_PATH
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+// Portable first, then each SIMD routine the CPU runs, widest last.
+std::vector<CpuRoutine> supported() {
+  std::vector<CpuRoutine> out{{"portable", &portable, &portable_walk}};
+#ifdef WS_HAVE_AVX2_PATH
+  if (avx2_supported()) out.push_back({"avx2", &avx2_sample, &avx2_walk});
+#endif
+#ifdef WS_HAVE_AVX512_PATH
+  // Its walk stays rules.h's: the AVX2 walk is only measured on Zen 2.
+  if (avx512_supported()) out.push_back({"avx512", &avx512, &portable_walk});
+#endif
+  return out;
+}
+
+CpuRoutine choose() {
+  const char* off = std::getenv("WS_NO_SIMD");
+  const bool forbid = off != nullptr && off[0] != '\0' && off[0] != '0';
+  const std::vector<CpuRoutine> all = supported();
+  return forbid ? all.front() : all.back();
 }
 
 }  // namespace
 
-SampleFn cpu_sample_fn() { return choice().fn; }
-const char* cpu_sampler_name() { return choice().name; }
+const CpuRoutine& cpu_routine() {
+  static const CpuRoutine chosen = choose();
+  return chosen;
+}
+const char* cpu_sampler_name() { return cpu_routine().name; }
+std::vector<CpuRoutine> cpu_supported_routines() { return supported(); }
 
 }  // namespace ws

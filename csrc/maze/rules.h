@@ -190,8 +190,9 @@ constexpr int MAX_TURN_FRAGMENTS = 12;
 // each, two words per mix64). The words are counter based, so consecutive ones are independent
 // and overlap in the pipeline; what costs is branching on random data. Candidates are therefore
 // found 64 cells at a time as a bit mask and visited with count-trailing-zeros, and the
-// select/skip decision is branch-free. (This portable routine: ~20 us of a 23 us maze; the CPU
-// backend's AVX-512 routine in cpu_sampler.cpp decides 16 candidates per step: ~6.5 us of 9.)
+// select/skip decision is branch-free. (This portable routine: ~20 us of a 23 us maze on the
+// AVX-512 dev box, ~38 of 42 on the Zen 2 AVX2 VM; the CPU backend's SIMD routines in
+// cpu_sampler.cpp decide 16 (AVX-512: ~6.5 us of 9) or 8 (AVX2: ~18 of 21) candidates per vector.)
 
 WS_HD int ctz64(uint64_t w) {
 #if defined(__CUDA_ARCH__)
@@ -318,10 +319,9 @@ constexpr uint64_t walk_pick_word(int half) {
 constexpr uint64_t WALK_PICK_LO = walk_pick_word(0);
 constexpr uint64_t WALK_PICK_HI = walk_pick_word(1);
 
-// One walk step (spec "Generation" step 4) from interior cell (r, c) with word `word`: moves to
-// a uniformly picked interior neighbour and carves it; keeps the interior Mold count.
-WS_HD void walk_step(uint32_t word, int32_t n, int32_t S, uint8_t* grid, int32_t& r, int32_t& c,
-                     int64_t& mold) {
+// One walk move (spec "Generation" step 4) from interior cell (r, c) with word `word`: to a
+// uniformly picked interior neighbour.
+WS_HD void walk_move(uint32_t word, int32_t n, int32_t& r, int32_t& c) {
   int d;
   if (static_cast<uint32_t>(r - 2) < static_cast<uint32_t>(n - 2) &&
       static_cast<uint32_t>(c - 2) < static_cast<uint32_t>(n - 2)) {
@@ -342,13 +342,42 @@ WS_HD void walk_step(uint32_t word, int32_t n, int32_t S, uint8_t* grid, int32_t
   // branched on the random direction, ~27 cycles per step (7.7 us per maze) in mispredictions
   r += static_cast<int32_t>((0x1210u >> (4 * d)) & 0xFu) - 1;  // N -1, E 0, S +1, W 0
   c += static_cast<int32_t>((0x0121u >> (4 * d)) & 0xFu) - 1;  // N 0, E +1, S 0, W -1
+}
+
+// One walk step: the move, then carve the cell entered, keeping the interior Mold count.
+WS_HD void walk_step(uint32_t word, int32_t n, int32_t S, uint8_t* grid, int32_t& r, int32_t& c,
+                     int64_t& mold) {
+  walk_move(word, n, r, c);
   uint8_t& cell = grid[static_cast<int64_t>(r) * S + c];
   mold -= (cell == MOLD);
   cell = PATH;
 }
 
-// The selection-sampling routine generate_maze() uses. The CPU backend substitutes a SIMD version
-// (cpu_sampler.cpp) that must give bitwise the same grid and counter; the tests compare them.
+// Step 4's random walk: L steps from interior cell (r, c) with the words of gen key g from word
+// `counter` on, carving Path and keeping the interior Mold count `mold`.
+WS_HD void random_walk(uint64_t g, uint64_t counter, uint64_t L, int32_t n, int32_t S, uint8_t* grid,
+                       int32_t& r, int32_t& c, int64_t& mold) {
+  // The walk starts at word 2 (even), so its words go in pairs, the low and high halves of one
+  // draw (an odd start, never used by generate_maze, takes its first word alone).
+  uint64_t s = 0;
+  uint64_t x = g + ((counter >> 1) + 1) * GOLDEN;
+  if ((counter & 1) && L > 0) {
+    walk_step(static_cast<uint32_t>(mix64(x) >> 32), n, S, grid, r, c, mold);
+    x += GOLDEN;
+    s = 1;
+  }
+  for (; s + 2 <= L; s += 2) {
+    const uint64_t h = mix64(x);
+    x += GOLDEN;
+    walk_step(static_cast<uint32_t>(h), n, S, grid, r, c, mold);
+    walk_step(static_cast<uint32_t>(h >> 32), n, S, grid, r, c, mold);
+  }
+  if (s < L) walk_step(static_cast<uint32_t>(mix64(x)), n, S, grid, r, c, mold);
+}
+
+// The generator's policy: the selection-sampling routine (operator()) and the walk (walk())
+// generate_maze() uses. The CPU backend substitutes SIMD versions (cpu_sampler.cpp) that must give
+// bitwise the same grid, position, Mold count and word counter; the tests compare them.
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
 #define WS_FIXED_TILE_SAMPLER 1
 // Host builds give the generator's two passes their own out-of-line copies with the tiles as
@@ -365,6 +394,10 @@ __attribute__((noinline, flatten)) void selection_sample_fixed(uint8_t* grid, in
 #endif
 
 struct DefaultSampler {
+  WS_HD void walk(uint64_t g, uint64_t counter, uint64_t L, int32_t n, int32_t S, uint8_t* grid,
+                  int32_t& r, int32_t& c, int64_t& mold) const {
+    random_walk(g, counter, L, n, S, grid, r, c, mold);
+  }
   WS_HD void operator()(uint8_t* grid, int32_t size, int32_t n, uint8_t from, uint8_t to,
                         int64_t need, int64_t remaining, uint64_t key, uint64_t& counter) const {
 #if defined(WS_FIXED_TILE_SAMPLER)
@@ -400,18 +433,10 @@ WS_HD void generate_maze(const Config& cfg, uint64_t key, uint8_t* grid, const i
   const uint64_t lmin = static_cast<uint64_t>(cfg.walk_min_mult) * n;
   const uint64_t lspan = static_cast<uint64_t>(cfg.walk_max_mult) * n - lmin + 1;
   const uint64_t L = lmin + uniform_word(words.next(), lspan);
-  // 4. the walk (n == 1: no interior neighbours, no draws). It starts at word 2 (even), so its
-  // words go in pairs, the low and high halves of one draw.
+  // 4. the walk (n == 1: no interior neighbours, no draws)
   uint64_t counter = words.index;
   if (n > 1) {
-    uint64_t x = g + ((counter >> 1) + 1) * GOLDEN;
-    for (uint64_t s = 0; s + 2 <= L; s += 2) {
-      const uint64_t h = mix64(x);
-      x += GOLDEN;
-      walk_step(static_cast<uint32_t>(h), n, S, grid, r, c, mold);
-      walk_step(static_cast<uint32_t>(h >> 32), n, S, grid, r, c, mold);
-    }
-    if (L & 1) walk_step(static_cast<uint32_t>(mix64(x)), n, S, grid, r, c, mold);
+    sample.walk(g, counter, L, n, S, grid, r, c, mold);
     counter += L;
   }
   // 5. too much Mold: flip down to a uniform target in [lo, hi]

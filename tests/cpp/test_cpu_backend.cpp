@@ -2,7 +2,10 @@
 // that leaves state untouched, same-step autoreset, clone keys, thread-count independence,
 // rendering bounds and the oracle over a batch.
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -74,67 +77,154 @@ TEST(reset_sets_provenance_and_matches_generator) {
   CHECK_EQ(b.origin_episode[4], 7);
 }
 
-TEST(cpu_sampler_matches_shared_sampler) {
-  // The CPU's SIMD sampler (when the CPU has it) against rules.h's portable one, including rows
-  // longer than one 64-cell word and with a short tail (size 130: n = 128; size 67: n = 65).
-  std::printf("  cpu sampler: %s\n", cpu_sampler_name());
-  for (int S : {4, 5, 9, 67, 100, 130}) {
-    Config c = cfg(S, 3);
-    if (S == 9) c.gold_ratio = 1.0 / 3.0;
-    const Config p = prepare(c);
-    for (int ep = 0; ep < 12; ++ep) {
-      std::vector<uint8_t> a(size_t(S) * S), b(size_t(S) * S);
-      int32_t ra, ca, rb, cb;
-      const uint64_t key = episode_key(3, uint64_t(ep), uint64_t(ep * 5));
-      generate_maze(p, key, a.data(), cached_bfs_order(S), ra, ca);
-      generate_maze(p, key, b.data(), cached_bfs_order(S), rb, cb, CpuSampler());
-      CHECK(a == b);
-      CHECK(ra == rb && ca == cb);
-    }
+// The SIMD routines (those this CPU runs; the others are reported as skipped) against rules.h's
+// portable ones, bit for bit: grid, start cell, Mold count and word counter.
+std::vector<CpuRoutine> simd_routines() {
+  std::vector<CpuRoutine> out;
+  const std::vector<CpuRoutine> all = cpu_supported_routines();
+  CHECK(!all.empty() && std::string(all.front().name) == "portable");
+  for (const char* name : {"avx2", "avx512"}) {
+    bool found = false;
+    for (const CpuRoutine& r : all)
+      if (std::string(r.name) == name) {
+        out.push_back(r);
+        found = true;
+      }
+    std::printf("  %s routine: %s\n", name, found ? "tested" : "skipped (this CPU lacks it)");
   }
+  std::printf("  routine in use: %s\n", cpu_sampler_name());
+  return out;
 }
 
-TEST(cpu_sampler_matches_shared_sampler_directly) {
-  // The sampler alone on random grids: odd and even starting words (the SIMD path takes the word
-  // window one dword later), need from 1 to remaining (the last selected candidate ends the
-  // sample), rows of one partial word, of exactly 64 cells and of more than one word (the SIMD
-  // routine batches 8 non-empty masks across rows: S = 200 has 4 masks per row).
-  uint64_t state = 0x1234567;
+TEST(cpu_routine_is_the_widest_supported) {
+  const std::vector<CpuRoutine> all = cpu_supported_routines();
+  const char* off = std::getenv("WS_NO_SIMD");
+  const bool forced = off != nullptr && off[0] != '\0' && off[0] != '0';
+  CHECK(std::string(cpu_sampler_name()) == (forced ? "portable" : all.back().name));
+  CHECK(cpu_routine().sample == (forced ? all.front() : all.back()).sample);
+}
+
+TEST(cpu_sampler_matches_shared_sampler) {
+  // Whole mazes, including rows longer than one 64-cell word and with a short tail (size 130:
+  // n = 128; size 67: n = 65), and random non-default rules.
+  const std::vector<CpuRoutine> routines = simd_routines();
+  uint64_t state = 0xC0FFEE;
   auto next = [&] { return state = mix64(state + GOLDEN); };
   int compared = 0;
-  for (int S : {4, 7, 66, 100, 131, 200}) {
-    const int n = S - 2;
-    for (int trial = 0; trial < 12; ++trial) {
-      std::vector<uint8_t> a(size_t(S) * S, MOLD);
-      const uint64_t density = next() % 100;  // percent of Path among interior cells
-      int64_t paths = 0;
-      for (int r = 1; r <= n; ++r)
-        for (int c = 1; c <= n; ++c) {
-          const bool path = next() % 100 < density;
-          a[size_t(r * S + c)] = path ? PATH : MOLD;
-          paths += path;
+  for (const CpuRoutine& routine : routines) {
+    for (int S : {4, 5, 9, 17, 66, 67, 100, 130}) {
+      for (int ep = 0; ep < 12; ++ep) {
+        Config c = cfg(S, next() % 1000);
+        if (S == 9) c.gold_ratio = 1.0 / 3.0;
+        if (ep % 3 == 1) {  // other rules, kept valid
+          c.walk_min_mult = int32_t(next() % 4);
+          c.walk_max_mult = c.walk_min_mult + int32_t(next() % 20);
+          c.mold_fraction_min = double(next() % 30) / 100.0;
+          c.mold_fraction_max = std::min(0.9, c.mold_fraction_min + 0.2 + double(next() % 40) / 100.0);
+          c.gold_ratio = double(next() % 50) / 100.0;
+          try {
+            prepare(c);
+          } catch (const std::invalid_argument&) {
+            c = cfg(S, c.seed);
+          }
         }
-      const uint8_t from = trial % 2 ? PATH : MOLD, to = trial % 2 ? GOLD : PATH;
-      const int64_t remaining = from == PATH ? paths : int64_t(n) * n - paths;
-      if (remaining == 0) continue;
-      const int64_t needs[4] = {1, remaining, 1 + int64_t(next() % uint64_t(remaining)),
-                                remaining > 1 ? remaining - 1 : 1};
-      for (int64_t need : needs) {
-        const uint64_t key = next(), start = trial % 4 + (next() % 2) * 1000;
-        std::vector<uint8_t> b = a, c = a;
-        uint64_t cb = start, cc = start;
-        selection_sample(b.data(), S, n, from, to, need, remaining, key, cb);
-        CpuSampler()(c.data(), S, n, from, to, need, remaining, key, cc);
-        CHECK(b == c);
-        CHECK_EQ(cb, cc);
-        int64_t turned = 0;
-        for (size_t j = 0; j < b.size(); ++j) turned += a[j] != b[j];
-        CHECK_EQ(turned, need);
+        const Config p = prepare(c);
+        std::vector<uint8_t> a(size_t(S) * S), b(size_t(S) * S, 0xEE);
+        int32_t ra, ca, rb, cb;
+        const uint64_t key = episode_key(p.seed, uint64_t(ep), next());
+        generate_maze(p, key, a.data(), cached_bfs_order(S), ra, ca);
+        generate_maze(p, key, b.data(), cached_bfs_order(S), rb, cb, CpuSampler(routine));
+        CHECK(a == b);
+        CHECK(ra == rb && ca == cb);
         ++compared;
       }
     }
   }
-  CHECK(compared > 200);
+  CHECK_EQ(compared, int(routines.size()) * 8 * 12);
+}
+
+TEST(cpu_sampler_matches_shared_sampler_directly) {
+  // The sampler alone on random grids: odd and even starting words (the SIMD paths load their
+  // words from an even one), need from 1 to remaining (the last selected candidate ends the
+  // sample), densities from empty to full, rows of one partial word, of exactly 64 cells and of
+  // more than one word (the AVX-512 routine batches 8 non-empty masks across rows: S = 200 has 4
+  // masks per row), the grid's last row ending inside a block.
+  const std::vector<CpuRoutine> routines = simd_routines();
+  uint64_t state = 0x1234567;
+  auto next = [&] { return state = mix64(state + GOLDEN); };
+  int compared = 0;
+  for (const CpuRoutine& routine : routines) {
+    for (int S : {4, 7, 20, 66, 67, 100, 131, 200}) {
+      const int n = S - 2;
+      for (int trial = 0; trial < 16; ++trial) {
+        std::vector<uint8_t> a(size_t(S) * S, MOLD);
+        const uint64_t density = trial < 2 ? 100 * trial : next() % 101;  // percent Path
+        int64_t paths = 0;
+        for (int r = 1; r <= n; ++r)
+          for (int c = 1; c <= n; ++c) {
+            const bool path = next() % 100 < density;
+            a[size_t(r * S + c)] = path ? PATH : MOLD;
+            paths += path;
+          }
+        const uint8_t from = trial % 2 ? PATH : MOLD, to = trial % 2 ? GOLD : PATH;
+        const int64_t remaining = from == PATH ? paths : int64_t(n) * n - paths;
+        if (remaining == 0) continue;
+        const int64_t needs[4] = {1, remaining, 1 + int64_t(next() % uint64_t(remaining)),
+                                  remaining > 1 ? remaining - 1 : 1};
+        for (int64_t need : needs) {
+          const uint64_t key = next(), start = next() % 5000;
+          std::vector<uint8_t> b = a, c = a;
+          uint64_t cb = start, cc = start;
+          selection_sample(b.data(), S, n, from, to, need, remaining, key, cb);
+          const CpuSampler simd(routine);
+          simd(c.data(), S, n, from, to, need, remaining, key, cc);
+          CHECK(b == c);
+          CHECK_EQ(cb, cc);
+          int64_t turned = 0;
+          for (size_t j = 0; j < b.size(); ++j) turned += a[j] != b[j];
+          CHECK_EQ(turned, need);
+          ++compared;
+        }
+      }
+    }
+  }
+  CHECK(compared > 400 * int(routines.size()));
+}
+
+TEST(cpu_walk_matches_shared_walk) {
+  // The walk alone: random interior starts (border rows and columns included), lengths from 0 to
+  // several chunks of hashed words, odd and even starting words, grids partly carved already.
+  const std::vector<CpuRoutine> routines = simd_routines();
+  uint64_t state = 0xABCDEF;
+  auto next = [&] { return state = mix64(state + GOLDEN); };
+  int compared = 0;
+  for (const CpuRoutine& routine : routines) {
+    for (int S : {4, 5, 6, 33, 100, 131}) {
+      const int n = S - 2;
+      for (int trial = 0; trial < 10; ++trial) {
+        std::vector<uint8_t> a(size_t(S) * S, MOLD);
+        int64_t mold = int64_t(n) * n;
+        for (int r = 1; r <= n; ++r)  // some Path already (the walk's own start, in practice)
+          for (int c = 1; c <= n; ++c)
+            if (next() % 100 < trial * 3) {
+              a[size_t(r * S + c)] = PATH;
+              --mold;
+            }
+        std::vector<uint8_t> b = a;
+        const int32_t r0 = 1 + int32_t(next() % uint64_t(n)), c0 = 1 + int32_t(next() % uint64_t(n));
+        const uint64_t L = trial == 0 ? 0 : next() % 3000, g = next(), counter = next() % 100;
+        int32_t ra = r0, ca = c0, rb = r0, cb = c0;
+        int64_t ma = mold, mb = -1;
+        random_walk(g, counter, L, n, S, a.data(), ra, ca, ma);
+        CpuSampler(routine).walk(g, counter, L, n, S, b.data(), rb, cb, mb);
+        CHECK(a == b);
+        CHECK(ra == rb && ca == cb);
+        CHECK_EQ(ma, mb);
+        ++compared;
+      }
+    }
+  }
+  CHECK_EQ(compared, int(routines.size()) * 6 * 10);
 }
 
 TEST(step_validation_leaves_state_unchanged) {
