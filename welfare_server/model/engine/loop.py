@@ -744,7 +744,8 @@ class Engine:
             s.next_token = tok
             sp = s.request.sampling
             reason = None
-            delta = s.text.add(tok) if s.text is not None else ""
+            if s.text is not None:
+                s.text.add(tok)
             if tok in s.prepared.stop_ids:
                 reason = "stop"
             elif sp.stop_strings and s.text is not None:
@@ -757,7 +758,7 @@ class Engine:
                 reason = "length"
             if s.events is not None and reason is None:
                 try:
-                    s.events.put(StreamEvent(out.request_id, token_id=tok, text=delta,
+                    s.events.put(StreamEvent(out.request_id, token_id=tok, text=s.text.delta(),
                                              logprob=None if lp is None else lp[b],
                                              masked_logprob=None if masked_lp is None else masked_lp[b],
                                              monitor=row))

@@ -118,18 +118,21 @@ class IncrementalText:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def add(self, token_id: int) -> str:
-        """Append a token; returns the delta it releases (maybe empty)."""
+    def add(self, token_id: int) -> None:
+        """Append a token (the decoded text grows once its characters are whole)."""
         self.ids.append(token_id)
         if self.tokenizer is None:
-            return ""
+            return
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        safe = len(self.text) - self.hold
-        return self._release(safe)
+
+    def delta(self) -> str:
+        """What can be released while the request runs: whole characters, minus the tail a stop
+        string could still start in. Call after the stop check of the token just added."""
+        return self._release(len(self.text) - self.hold)
 
     def finish(self, final_text: str) -> str:
         """The rest of the final text (which may cut the decoded text at a stop string)."""
