@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
 
@@ -21,8 +23,9 @@ def _fetch_model(args) -> int:
 
 def _rollout(args) -> int:
     from welfare_server.maze import DIRECTION_LETTERS, MazeBatch, MazeConfig, MazeTokenTable
+    from welfare_server.model.engine import Engine, EngineConfig
     from welfare_server.model.loading import RuntimeConfig, load_model
-    from welfare_server.train.rollout import RolloutConfig, rollout
+    from welfare_server.train.rollout import RolloutConfig, episode_context_tokens, play_episodes
 
     # Bad arguments fail before anything is loaded: each dataclass validates its own fields.
     config = config_cli.build(MazeConfig, args)
@@ -30,13 +33,17 @@ def _rollout(args) -> int:
     rollout_config = config_cli.build(RolloutConfig, args)
     runtime = config_cli.build(RuntimeConfig, args)
     runtime.resolve()
+    out_file = open(args.out, "w") if args.out else None
     started = time.perf_counter()
     loaded_model = load_model(args.model, runtime)
     tokenizer = loaded_model.tokenizer
     table = MazeTokenTable.from_tokenizer(tokenizer, config)
+    engine = Engine(loaded_model, EngineConfig(max_batch_slots=args.num_envs,
+                                               max_context_len=episode_context_tokens(table)))
     first_prompt = maze.render_text([0])[0]
     loaded = time.perf_counter()
-    result = rollout(loaded_model.model, table, maze, rollout_config)
+    with _progress(config.episode_steps, "turns") as advance:
+        result = play_episodes(engine, table, maze, rollout_config, on_turn=lambda t: advance())
     finished = time.perf_counter()
     print(f"model {args.model} ({loaded_model.dtype}, {loaded_model.device}); maze size {config.size}, "
           f"{config.episode_steps} moves, glyphs {config.glyphs}")
@@ -44,12 +51,42 @@ def _rollout(args) -> int:
     for i in range(maze.num_envs):
         moves = "".join(DIRECTION_LETTERS[a] for a in result.actions[i].tolist())
         print(f"env {i}: moves {moves}  return {result.returns[i].item():+.1f}")
+        if out_file is not None:
+            out_file.write(json.dumps(_episode_record(result, i, args, config)) + "\n")
+    if out_file is not None:
+        out_file.close()
+        print(f"episodes written to {args.out}")
     if args.show_transcript:
         print(tokenizer.decode(result.token_ids[0]))
     moves_made = maze.num_envs * config.episode_steps
     print(f"setup {loaded - started:.1f} s; {moves_made} model moves in {finished - loaded:.1f} s "
           f"({moves_made / (finished - loaded):.1f} moves/s)")
     return 0
+
+
+def _episode_record(result, i: int, args, config) -> dict:
+    """One JSONL line: an env's whole episode."""
+    from welfare_server.maze import DIRECTION_LETTERS
+
+    actions = result.actions[i].tolist()
+    return {"env": i, "maze_seed": args.maze_seed, "model": args.model, "size": config.size,
+            "moves": "".join(DIRECTION_LETTERS[a] for a in actions), "actions": actions,
+            "rewards": [round(r, 6) for r in result.rewards[i].tolist()], "return": round(result.returns[i].item(), 6),
+            "tiles_entered": result.tiles_entered[i].tolist(), "tiles_pushed": result.tiles_pushed[i].tolist(),
+            "wind_from": result.wind_from[i].tolist(), "logprobs": result.logprobs[i].tolist(),
+            "token_ids": result.token_ids[i]}
+
+
+@contextlib.contextmanager
+def _progress(total: int, unit: str):
+    """A progress bar on stderr (tqdm when installed); yields advance()."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - transformers brings tqdm
+        yield lambda: None
+        return
+    with tqdm(total=total, unit=unit, file=sys.stderr, leave=False) as bar:
+        yield bar.update
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     play.add_argument("--maze-seed", type=int, default=0, help="seed of the mazes (env i's first maze is "
                       "a pure function of (seed, i))")
     play.add_argument("--show-transcript", action="store_true", help="print env 0's whole conversation")
+    play.add_argument("--out", help="write each env's episode as a JSON line to this file")
     config_cli.add_options(play.add_argument_group("maze rules (MazeConfig)"), MazeConfig,
                            exclude=("autoreset", "max_state_bytes"))
     config_cli.add_options(play.add_argument_group("action sampling (RolloutConfig)"), RolloutConfig)

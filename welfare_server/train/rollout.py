@@ -164,6 +164,12 @@ def generation_header_ids(tokenizer) -> list[int]:
     return list(tokenizer(header, add_special_tokens=False)["input_ids"]) if header else []
 
 
+def episode_context_tokens(table: MazeTokenTable) -> int:
+    """Most tokens one episode's conversation can reach (the engine's max_context_len must hold it)."""
+    steps = table.config.episode_steps
+    return len(table.conversation_prefix_ids) + steps * (table.max_len + len(table.assistant_end_ids) + 1)
+
+
 def action_seed(seed: int, env: int, turn: int) -> int:
     """The sampling seed of env's move at turn: a pure function of (seed, env, turn), so a move
     does not depend on which other envs share the batch."""
@@ -187,7 +193,7 @@ def play_episodes(engine, table: MazeTokenTable, maze: MazeBatch, config: Rollou
                          f"{cfg.max_sessions} (max_batch_slots={cfg.max_batch_slots})")
     prefix, end = list(table.conversation_prefix_ids), list(table.assistant_end_ids)
     header = generation_header_ids(engine.tokenizer)
-    longest = len(prefix) + steps * (table.max_len + len(end) + 1)
+    longest = episode_context_tokens(table)
     if longest > cfg.max_context_len:
         raise ValueError(f"an episode of {steps} turns can reach {longest} tokens, more than the engine's "
                          f"max_context_len={cfg.max_context_len}")
