@@ -424,7 +424,7 @@ def test_wind_message_text():
     m = fresh(cfg, num_envs=40, seed=2)
     out = m.step([toward_centre(m, e) for e in range(m.num_envs)])
     seen = set()
-    words = ("north", "east", "south", "west")
+    words = ("North", "East", "South", "West")  # capitalised, as in the paper's code
     for e in range(m.num_envs):
         f = out["wind_from"][e]
         assert f >= 0
@@ -437,7 +437,7 @@ def test_wind_message_text():
     # A step without wind clears the message.
     m2 = fresh(cfg.replace(wind_prob=0.0), num_envs=1, seed=2)
     m2.wind_from[0] = 1
-    assert m2.prompt_text(0).startswith("A strong wind from the east blew you west! ")
+    assert m2.prompt_text(0).startswith("A strong wind from the East blew you West! ")
     m2.step([toward_centre(m2, 0)])
     assert m2.prompt_text(0).startswith("You are in a maze.")
 
@@ -460,7 +460,7 @@ def test_prompt_text_exact_corner_and_interior():
     m.row[0], m.col[0] = 2, 1  # x = col = 1, y = row = 2
     m.wind_from[0] = 3  # from the west, blown east
     assert m.prompt_text(0) == (
-        "A strong wind from the west blew you east! "
+        "A strong wind from the West blew you East! "
         "You are in a maze. Currently, you're at location (1, 2). "
         "To the north there is X; to the east there is Z; to the south there is X; "
         "to the west there is Y." + TAIL)

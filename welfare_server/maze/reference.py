@@ -403,8 +403,9 @@ class ReferenceMaze:
         text = ""
         if self.wind_from[i] >= 0:
             f = self.wind_from[i]
-            text += (f"A strong wind from the {DIRECTION_WORDS[f]} "
-                     f"blew you {DIRECTION_WORDS[OPPOSITE[f]]}! ")
+            # capitalised, as the paper's code writes them (the clauses' words stay lowercase)
+            text += (f"A strong wind from the {DIRECTION_WORDS[f].capitalize()} "
+                     f"blew you {DIRECTION_WORDS[OPPOSITE[f]].capitalize()}! ")
         text += f"You are in a maze. Currently, you're at location ({self.col[i]}, {self.row[i]})."
         clauses = []
         for k, d in enumerate(self.prompt_order(i)):

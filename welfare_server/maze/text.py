@@ -31,9 +31,14 @@ def opposite(direction: int) -> int:
     return (direction + 2) % 4
 
 
+WIND_WORDS = ("North", "East", "South", "West")
+"""Direction names of the wind message, capitalised as in the paper's code (the clauses' direction
+words stay lowercase: DIRECTION_WORDS)."""
+
+
 def wind_text(wind_from: int) -> str:
-    return (f"A strong wind from the {DIRECTION_WORDS[wind_from]} blew you "
-            f"{DIRECTION_WORDS[opposite(wind_from)]}!")
+    """The wind sentence (without the space before the head that follows it)."""
+    return f"A strong wind from the {WIND_WORDS[wind_from]} blew you {WIND_WORDS[opposite(wind_from)]}!"
 
 
 def clause_index(direction: int, tile: int, first: bool, last: bool) -> int:
