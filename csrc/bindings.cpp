@@ -7,15 +7,20 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "maze/config.h"
 #include "maze/cpu_backend.h"
+#include "maze/cpu_sampler.h"
 #include "maze/rules.h"
 #include "maze_cuda/cuda_backend.h"
 
 namespace py = pybind11;
 using ws::Config;
+using ws::ObserveOut;
+using ws::PreparedConfig;
 using ws::StateView;
 using ws::StepOut;
 using ws::TokenTable;
@@ -35,64 +40,73 @@ PYBIND11_MODULE(_maze_core, m) {
   m.doc() = "welfare_server maze core (C++ CPU backend + optional CUDA backend); see "
             "docs/maze_spec.md";
 
-  py::class_<Config>(m, "Config", "Maze rules (mirrors MazeConfig) plus the seed.")
-      .def(py::init([](int32_t size, int32_t episode_steps, double wind_prob, bool melting,
-                       float step_reward, float mold_reward, float gold_reward,
-                       int32_t walk_min_mult, int32_t walk_max_mult, double mold_fraction_min,
-                       double mold_fraction_max, double gold_ratio, bool shuffle_directions,
-                       bool autoreset, uint64_t seed) {
+  // The rule fields come from WS_CONFIG_FIELDS (rules.h): every one must be given by name (no
+  // defaults here: MazeConfig holds them), plus the seed. The object is validated and derived
+  // once, here, and read-only after: batch calls read it as it is.
+  py::class_<PreparedConfig>(m, "Config",
+                             "Maze rules (every MazeConfig rule field, by name) plus the seed; "
+                             "validated on construction, read-only.")
+      .def(py::init([](const py::kwargs& fields) {
              Config c;
-             c.size = size;
-             c.episode_steps = episode_steps;
-             c.wind_prob = wind_prob;
-             c.melting = melting;
-             c.step_reward = step_reward;
-             c.mold_reward = mold_reward;
-             c.gold_reward = gold_reward;
-             c.walk_min_mult = walk_min_mult;
-             c.walk_max_mult = walk_max_mult;
-             c.mold_fraction_min = mold_fraction_min;
-             c.mold_fraction_max = mold_fraction_max;
-             c.gold_ratio = gold_ratio;
-             c.shuffle_directions = shuffle_directions;
-             c.autoreset = autoreset;
-             c.seed = seed;
-             return c;
-           }),
-           py::kw_only(), py::arg("size") = 100, py::arg("episode_steps") = 15,
-           py::arg("wind_prob") = 0.1, py::arg("melting") = true, py::arg("step_reward") = -0.1f,
-           py::arg("mold_reward") = -10.0f, py::arg("gold_reward") = 20.0f,
-           py::arg("walk_min_mult") = 5, py::arg("walk_max_mult") = 15,
-           py::arg("mold_fraction_min") = 0.10, py::arg("mold_fraction_max") = 0.50,
-           py::arg("gold_ratio") = 0.2, py::arg("shuffle_directions") = true,
-           py::arg("autoreset") = false, py::arg("seed") = 0)
-      .def_readwrite("size", &Config::size)
-      .def_readwrite("episode_steps", &Config::episode_steps)
-      .def_readwrite("wind_prob", &Config::wind_prob)
-      .def_readwrite("melting", &Config::melting)
-      .def_readwrite("step_reward", &Config::step_reward)
-      .def_readwrite("mold_reward", &Config::mold_reward)
-      .def_readwrite("gold_reward", &Config::gold_reward)
-      .def_readwrite("walk_min_mult", &Config::walk_min_mult)
-      .def_readwrite("walk_max_mult", &Config::walk_max_mult)
-      .def_readwrite("mold_fraction_min", &Config::mold_fraction_min)
-      .def_readwrite("mold_fraction_max", &Config::mold_fraction_max)
-      .def_readwrite("gold_ratio", &Config::gold_ratio)
-      .def_readwrite("shuffle_directions", &Config::shuffle_directions)
-      .def_readwrite("autoreset", &Config::autoreset)
-      .def_readwrite("seed", &Config::seed)
-      .def("validate", [](const Config& c) { ws::validate(c); },
-           "Raise ValueError naming the first field out of bounds.")
-      // Derived values, computed from the current fields on each access (validates first).
-      .def_property_readonly("interior_cells", [](const Config& c) { return ws::prepare(c).interior; })
-      .def_property_readonly("mold_count_lo", [](const Config& c) { return ws::prepare(c).mold_lo; })
-      .def_property_readonly("mold_count_hi", [](const Config& c) { return ws::prepare(c).mold_hi; })
+             size_t used = 0;
+             auto take = [&](const char* name, auto& member) {
+               using T = std::remove_reference_t<decltype(member)>;
+               if (!fields.contains(name))
+                 throw std::invalid_argument(std::string("Config.") + name +
+                                             " is missing: every field is required (MazeConfig "
+                                             "holds the defaults)");
+               try {
+                 member = py::cast<T>(fields[name]);
+               } catch (const py::cast_error&) {
+                 throw std::invalid_argument(
+                     std::string("Config.") + name + "=" +
+                     py::str(py::repr(fields[name])).cast<std::string>() + " is not " +
+                     (std::is_same<T, bool>::value            ? "a bool"
+                      : std::is_floating_point<T>::value      ? "a number"
+                                                              : "an integer in range"));
+               }
+               ++used;
+             };
+#define WS_TAKE(type, name, value) take(#name, c.name);
+             WS_CONFIG_FIELDS(WS_TAKE)
+#undef WS_TAKE
+             take("seed", c.seed);
+             if (used != fields.size()) {
+               for (const auto& item : fields) {
+                 const std::string key = py::str(item.first);
+                 bool known = key == "seed";
+#define WS_KNOWN(type, name, value) known = known || key == #name;
+                 WS_CONFIG_FIELDS(WS_KNOWN)
+#undef WS_KNOWN
+                 if (!known)
+                   throw std::invalid_argument("Config has no field '" + key + "'");
+               }
+             }
+             return PreparedConfig(c);  // validates: std::invalid_argument naming the field
+           }))
+#define WS_READ(type, name, value) \
+  .def_property_readonly(#name, [](const PreparedConfig& p) { return p.get().name; })
+      WS_CONFIG_FIELDS(WS_READ)
+#undef WS_READ
+      .def_property_readonly("seed", [](const PreparedConfig& p) { return p.get().seed; })
+      .def_property_readonly("interior_cells", [](const PreparedConfig& p) { return p.get().interior; })
+      .def_property_readonly("mold_count_lo", [](const PreparedConfig& p) { return p.get().mold_lo; })
+      .def_property_readonly("mold_count_hi", [](const PreparedConfig& p) { return p.get().mold_hi; })
       .def_property_readonly("wind_threshold",
-                             [](const Config& c) { return ws::prepare(c).wind_threshold; })
-      .def("__repr__", [](const Config& c) {
-        return "Config(size=" + std::to_string(c.size) + ", episode_steps=" +
-               std::to_string(c.episode_steps) + ", seed=" + std::to_string(c.seed) + ", ...)";
+                             [](const PreparedConfig& p) { return p.get().wind_threshold; })
+      .def("__repr__", [](const PreparedConfig& p) {
+        return "Config(size=" + std::to_string(p.get().size) + ", episode_steps=" +
+               std::to_string(p.get().episode_steps) + ", seed=" + std::to_string(p.get().seed) +
+               ", ...)";
       });
+  {
+    py::list names;
+#define WS_NAME(type, name, value) names.append(#name);
+    WS_CONFIG_FIELDS(WS_NAME)
+#undef WS_NAME
+    names.append("seed");
+    m.attr("CONFIG_FIELDS") = py::tuple(names);
+  }
 
   py::class_<StateView>(m, "StateView", "Data pointers of the batch state buffers.")
       .def(py::init([](int64_t num_envs, uintptr_t grid, uintptr_t row, uintptr_t col, uintptr_t t,
@@ -131,6 +145,24 @@ PYBIND11_MODULE(_maze_core, m) {
            py::arg("reward"), py::arg("tile_entered"), py::arg("tile_pushed"),
            py::arg("wind_from"), py::arg("done"));
 
+  py::class_<ObserveOut>(m, "ObserveOut",
+                         "Data pointers of observe()'s outputs: neighbours, order i32 [B, 4]; "
+                         "valid u8 [B, 4], position i32 [B, 2], step_index, wind_from i32 [B] "
+                         "(0 = not written).")
+      .def(py::init([](uintptr_t neighbours, uintptr_t order, uintptr_t valid, uintptr_t position,
+                       uintptr_t step_index, uintptr_t wind_from) {
+             ObserveOut o;
+             o.neighbours = ptr<int32_t>(neighbours);
+             o.order = ptr<int32_t>(order);
+             o.valid = ptr<uint8_t>(valid);
+             o.position = ptr<int32_t>(position);
+             o.step_index = ptr<int32_t>(step_index);
+             o.wind_from = ptr<int32_t>(wind_from);
+             return o;
+           }),
+           py::arg("neighbours"), py::arg("order"), py::arg("valid") = 0, py::arg("position") = 0,
+           py::arg("step_index") = 0, py::arg("wind_from") = 0);
+
   py::class_<TokenTable>(m, "TokenTable", "Token fragment table: int32 ids + int32 offsets.")
       .def(py::init([](uintptr_t ids, uintptr_t offsets, int32_t num_fragments, int32_t max_len,
                        int32_t pad_id) {
@@ -150,26 +182,28 @@ PYBIND11_MODULE(_maze_core, m) {
 
   // ---- CPU backend ----
   m.def("cpu_reset",
-        [](const Config& c, const StateView& s, uintptr_t mask, int num_threads) {
+        [](const PreparedConfig& c, const StateView& s, uintptr_t mask, int num_threads) {
           ws::cpu_reset(c, s, ptr<const uint8_t>(mask), num_threads);
         },
         py::arg("cfg"), py::arg("state"), py::arg("mask_ptr"), py::arg("num_threads") = 0, release());
   m.def("cpu_step",
-        [](const Config& c, const StateView& s, uintptr_t actions, const StepOut& o,
+        [](const PreparedConfig& c, const StateView& s, uintptr_t actions, const StepOut& o,
            int num_threads) { ws::cpu_step(c, s, ptr<const int32_t>(actions), o, num_threads); },
         py::arg("cfg"), py::arg("state"), py::arg("actions_ptr"), py::arg("out"),
         py::arg("num_threads") = 0, release());
-  m.def("cpu_clone", &ws::cpu_clone, py::arg("cfg"), py::arg("state"), py::arg("src"),
+  m.def("cpu_clone",
+        [](const PreparedConfig& c, const StateView& s, int64_t src, int64_t dst_begin,
+           int64_t dst_end, bool independent) {
+          ws::cpu_clone(c, s, src, dst_begin, dst_end, independent);
+        }, py::arg("cfg"), py::arg("state"), py::arg("src"),
         py::arg("dst_begin"), py::arg("dst_end"), py::arg("independent") = true, release());
   m.def("cpu_observe",
-        [](const Config& c, const StateView& s, uintptr_t neighbours, uintptr_t order,
-           int num_threads) {
-          ws::cpu_observe(c, s, ptr<int32_t>(neighbours), ptr<int32_t>(order), num_threads);
+        [](const PreparedConfig& c, const StateView& s, const ObserveOut& o, int num_threads) {
+          ws::cpu_observe(c, s, o, num_threads);
         },
-        py::arg("cfg"), py::arg("state"), py::arg("neighbours_ptr"), py::arg("order_ptr"),
-        py::arg("num_threads") = 0, release());
+        py::arg("cfg"), py::arg("state"), py::arg("out"), py::arg("num_threads") = 0, release());
   m.def("cpu_render_tokens",
-        [](const Config& c, const StateView& s, const TokenTable& tt, uintptr_t out_ids,
+        [](const PreparedConfig& c, const StateView& s, const TokenTable& tt, uintptr_t out_ids,
            uintptr_t lengths, int num_threads) {
           ws::cpu_render_tokens(c, s, tt, ptr<int32_t>(out_ids), ptr<int32_t>(lengths),
                                 num_threads);
@@ -177,7 +211,7 @@ PYBIND11_MODULE(_maze_core, m) {
         py::arg("cfg"), py::arg("state"), py::arg("table"), py::arg("out_ids_ptr"),
         py::arg("lengths_ptr"), py::arg("num_threads") = 0, release());
   m.def("cpu_oracle",
-        [](const Config& c, const StateView& s, uintptr_t dist, uintptr_t optimal,
+        [](const PreparedConfig& c, const StateView& s, uintptr_t dist, uintptr_t optimal,
            int num_threads) {
           ws::cpu_oracle(c, s, ptr<int32_t>(dist), ptr<uint8_t>(optimal), num_threads);
         },
@@ -188,37 +222,41 @@ PYBIND11_MODULE(_maze_core, m) {
   m.def("cuda_compiled", &ws::cuda_compiled,
         "True when this build contains the CUDA backend.");
   m.def("cuda_reset",
-        [](const Config& c, const StateView& s, uintptr_t mask, uintptr_t stream) {
+        [](const PreparedConfig& c, const StateView& s, uintptr_t mask, uintptr_t stream) {
           ws::cuda_reset(c, s, ptr<const uint8_t>(mask), stream);
         },
         py::arg("cfg"), py::arg("state"), py::arg("mask_ptr"), py::arg("stream") = 0, release());
   m.def("cuda_step",
-        [](const Config& c, const StateView& s, uintptr_t actions, const StepOut& o,
+        [](const PreparedConfig& c, const StateView& s, uintptr_t actions, const StepOut& o,
            uintptr_t stream) { ws::cuda_step(c, s, ptr<const int32_t>(actions), o, stream); },
         py::arg("cfg"), py::arg("state"), py::arg("actions_ptr"), py::arg("out"),
         py::arg("stream") = 0, release());
-  m.def("cuda_clone", &ws::cuda_clone, py::arg("cfg"), py::arg("state"), py::arg("src"),
+  m.def("cuda_clone",
+        [](const PreparedConfig& c, const StateView& s, int64_t src, int64_t dst_begin,
+           int64_t dst_end, bool independent, uintptr_t stream) {
+          ws::cuda_clone(c, s, src, dst_begin, dst_end, independent, stream);
+        }, py::arg("cfg"), py::arg("state"), py::arg("src"),
         py::arg("dst_begin"), py::arg("dst_end"), py::arg("independent") = true,
         py::arg("stream") = 0, release());
   m.def("cuda_observe",
-        [](const Config& c, const StateView& s, uintptr_t neighbours, uintptr_t order,
-           uintptr_t stream) {
-          ws::cuda_observe(c, s, ptr<int32_t>(neighbours), ptr<int32_t>(order), stream);
+        [](const PreparedConfig& c, const StateView& s, const ObserveOut& o, uintptr_t stream) {
+          ws::cuda_observe(c, s, o, stream);
         },
-        py::arg("cfg"), py::arg("state"), py::arg("neighbours_ptr"), py::arg("order_ptr"),
-        py::arg("stream") = 0, release());
+        py::arg("cfg"), py::arg("state"), py::arg("out"), py::arg("stream") = 0, release());
   m.def("cuda_render_tokens",
-        [](const Config& c, const StateView& s, const TokenTable& tt, uintptr_t out_ids,
+        [](const PreparedConfig& c, const StateView& s, const TokenTable& tt, uintptr_t out_ids,
            uintptr_t lengths, uintptr_t stream) {
           ws::cuda_render_tokens(c, s, tt, ptr<int32_t>(out_ids), ptr<int32_t>(lengths), stream);
         },
         py::arg("cfg"), py::arg("state"), py::arg("table"), py::arg("out_ids_ptr"),
         py::arg("lengths_ptr"), py::arg("stream") = 0, release());
-  m.def("cuda_oracle_scratch_bytes", &ws::cuda_oracle_scratch_bytes, py::arg("cfg"),
+  m.def("cuda_oracle_scratch_bytes",
+        [](const PreparedConfig& c, int64_t envs) { return ws::cuda_oracle_scratch_bytes(c, envs); },
+        py::arg("cfg"),
         py::arg("envs"),
         "Bytes of device scratch cuda_oracle needs to process `envs` envs at once.");
   m.def("cuda_oracle",
-        [](const Config& c, const StateView& s, uintptr_t dist, uintptr_t optimal,
+        [](const PreparedConfig& c, const StateView& s, uintptr_t dist, uintptr_t optimal,
            uintptr_t scratch, size_t scratch_bytes, uintptr_t stream) {
           ws::cuda_oracle(c, s, ptr<int32_t>(dist), ptr<uint8_t>(optimal), ptr<void>(scratch),
                           scratch_bytes, stream);
@@ -251,4 +289,14 @@ PYBIND11_MODULE(_maze_core, m) {
         },
         py::arg("key"), py::arg("counter"), py::arg("n"));
   m.attr("NUM_FIXED_FRAGMENTS") = static_cast<int>(ws::FRAG_XNUM);
+  m.def("cpu_sampler_name", &ws::cpu_sampler_name,
+        "The maze generator routine this CPU runs: 'avx512', 'avx2' or 'portable' (WS_NO_SIMD=1 "
+        "in the environment, read once, forces 'portable').");
+  m.def("cpu_supported_routines",
+        [] {
+          std::vector<std::string> names;
+          for (const auto& r : ws::cpu_supported_routines()) names.push_back(r.name);
+          return names;
+        },
+        "Every generator routine this CPU can run, portable first.");
 }

@@ -15,7 +15,7 @@ namespace {
 // Envs per thread below which a call stays on fewer threads: waking a pooled worker costs a few
 // microseconds, so cheap per-env work only splits at large batches (measured at size 100, B=1024,
 // one core of the AMD EPYC dev VM: a step is ~14 ns per env, step + render ~90 ns). Generation is
-// ~31 us per env, so resets (and autoresetting steps) split at once.
+// 9-45 us per env (by routine and CPU), so resets (and autoresetting steps) split at once.
 constexpr int64_t MIN_RESET = 1;
 constexpr int64_t MIN_STEP = 2048;
 constexpr int64_t MIN_OBSERVE = 4096;
@@ -24,8 +24,9 @@ constexpr int64_t MIN_ORACLE = 8;
 
 }  // namespace
 
-void cpu_reset(const Config& config, const StateView& s, const uint8_t* mask, int num_threads) {
-  const Config cfg = prepare(config);
+void cpu_reset(const PreparedConfig& prepared, const StateView& s, const uint8_t* mask,
+               int num_threads) {
+  const Config& cfg = prepared.get();
   check_state(s);
   const int32_t* order = cached_bfs_order(cfg.size);
   const CpuSampler sampler;
@@ -35,9 +36,9 @@ void cpu_reset(const Config& config, const StateView& s, const uint8_t* mask, in
   });
 }
 
-void cpu_step(const Config& config, const StateView& s, const int32_t* actions, const StepOut& out,
-              int num_threads) {
-  const Config cfg = prepare(config);
+void cpu_step(const PreparedConfig& prepared, const StateView& s, const int32_t* actions,
+              const StepOut& out, int num_threads) {
+  const Config& cfg = prepared.get();
   check_state(s);
   check_step_out(out, s.num_envs);
   if (s.num_envs > 0 && actions == nullptr)
@@ -60,28 +61,36 @@ void cpu_step(const Config& config, const StateView& s, const int32_t* actions, 
   });
 }
 
-void cpu_clone(const Config& config, const StateView& s, int64_t src, int64_t dst_begin,
+void cpu_clone(const PreparedConfig& prepared, const StateView& s, int64_t src, int64_t dst_begin,
                int64_t dst_end, bool independent) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   check_clone_range(s, src, dst_begin, dst_end);
   for (int64_t d = dst_begin; d < dst_end; ++d) clone_one_env(cfg, s, src, d, independent);
 }
 
-void cpu_observe(const Config& config, const StateView& s, int32_t* neighbours, int32_t* order,
+void cpu_observe(const PreparedConfig& prepared, const StateView& s, const ObserveOut& out,
                  int num_threads) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
-  if (s.num_envs > 0 && (!neighbours || !order))
+  if (s.num_envs > 0 && (!out.neighbours || !out.order))
     throw std::invalid_argument("observe: null output pointer");
   parallel_for(s.num_envs, num_threads, MIN_OBSERVE, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) observe_one_env(cfg, s, i, neighbours + 4 * i, order + 4 * i);
+    for (int64_t i = b; i < e; ++i) observe_one_env(cfg, s, i, out);
   });
 }
 
-void cpu_render_tokens(const Config& config, const StateView& s, const TokenTable& tt,
+void cpu_observe(const PreparedConfig& prepared, const StateView& s, int32_t* neighbours,
+                 int32_t* order, int num_threads) {
+  ObserveOut out;
+  out.neighbours = neighbours;
+  out.order = order;
+  cpu_observe(prepared, s, out, num_threads);
+}
+
+void cpu_render_tokens(const PreparedConfig& prepared, const StateView& s, const TokenTable& tt,
                        int32_t* out_ids, int32_t* lengths, int num_threads) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   check_token_table(cfg, tt);
   if (s.num_envs > 0 && (!out_ids || !lengths))
@@ -109,9 +118,9 @@ void cpu_render_tokens(const Config& config, const StateView& s, const TokenTabl
   if (bad < s.num_envs) throw std::invalid_argument(render_error_message(bad, lengths[bad], tt.max_len));
 }
 
-void cpu_oracle(const Config& config, const StateView& s, int32_t* dist, uint8_t* optimal,
+void cpu_oracle(const PreparedConfig& prepared, const StateView& s, int32_t* dist, uint8_t* optimal,
                 int num_threads) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   if (s.num_envs > 0 && (!dist || !optimal))
     throw std::invalid_argument("oracle: null output pointer");

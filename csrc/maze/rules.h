@@ -108,24 +108,34 @@ struct WordStream {
 };
 
 // ---- configuration ------------------------------------------------------------------------------
-// Mirrors welfare_server/maze/config.py's MazeConfig (plus the seed, which the Python side keeps
-// beside it). Plain data so it is passed by value to kernels. Derived fields are filled by
-// ws::prepare() (config.h), which validates first; the functions below assume a prepared config.
+// The rule fields, listed once as (type, name, value): the struct below and the binding's field
+// table (csrc/bindings.cpp) are generated from this list. welfare_server/maze/config.py's MazeConfig
+// is the one place the fields are documented and their defaults chosen; the Python side passes
+// every field (tests/maze/test_core_binding.py checks the two lists match). The values here are
+// the paper's, for C++ tests and benchmarks only.
+#define WS_CONFIG_FIELDS(X)          \
+  X(int32_t, size, 100)              \
+  X(int32_t, episode_steps, 15)      \
+  X(double, wind_prob, 0.1)          \
+  X(bool, melting, true)             \
+  X(float, step_reward, -0.1f)       \
+  X(float, mold_reward, -10.0f)      \
+  X(float, gold_reward, 20.0f)       \
+  X(int32_t, walk_min_mult, 5)       \
+  X(int32_t, walk_max_mult, 15)      \
+  X(double, mold_fraction_min, 0.10) \
+  X(double, mold_fraction_max, 0.50) \
+  X(double, gold_ratio, 0.2)         \
+  X(bool, shuffle_directions, true)  \
+  X(bool, autoreset, false)
+
+// The rules plus the seed (which the Python side keeps beside MazeConfig). Plain data so it is
+// passed by value to kernels. Derived fields are filled by ws::prepare() (config.h), which
+// validates first; the functions below assume a prepared config.
 struct Config {
-  int32_t size = 100;
-  int32_t episode_steps = 15;
-  double wind_prob = 0.1;
-  bool melting = true;
-  float step_reward = -0.1f;
-  float mold_reward = -10.0f;
-  float gold_reward = 20.0f;
-  int32_t walk_min_mult = 5;
-  int32_t walk_max_mult = 15;
-  double mold_fraction_min = 0.10;
-  double mold_fraction_max = 0.50;
-  double gold_ratio = 0.2;
-  bool shuffle_directions = true;
-  bool autoreset = false;
+#define WS_CONFIG_MEMBER(type, name, value) type name = value;
+  WS_CONFIG_FIELDS(WS_CONFIG_MEMBER)
+#undef WS_CONFIG_MEMBER
   uint64_t seed = 0;
   // derived (spec "Generation" step 5, "RNG" threshold)
   int32_t n = 0;                // size - 2
@@ -156,6 +166,19 @@ struct StepOut {
   int32_t* tile_pushed = nullptr;   // [B] -1 without a push
   int32_t* wind_from = nullptr;     // [B] -1 without a push
   uint8_t* done = nullptr;          // [B]
+};
+
+// What observe() writes per env. neighbours and order are required; the others may be null
+// (not written): valid is neighbours >= 0 as 0/1 bytes (a torch.bool tensor's storage), position
+// is (col, row) as the prompt shows it, step_index and wind_from copy the state's t and wind_from
+// so an observation is a snapshot that later steps do not change.
+struct ObserveOut {
+  int32_t* neighbours = nullptr;  // [B, 4] tile code in N, E, S, W or -1 outside the grid
+  int32_t* order = nullptr;       // [B, 4] listed directions in prompt order, padded with -1
+  uint8_t* valid = nullptr;       // [B, 4]
+  int32_t* position = nullptr;    // [B, 2]
+  int32_t* step_index = nullptr;  // [B]
+  int32_t* wind_from = nullptr;   // [B]
 };
 
 // Token fragment table (layout: welfare_server/maze/text.py; built by welfare_server/maze/tokens.py):
@@ -648,6 +671,20 @@ WS_HD void observe_one_env(const Config& cfg, const StateView& s, int64_t i, int
     neighbours[d] = inside(S, r, c) ? static_cast<int32_t>(grid[r * S + c]) : -1;
   }
   prompt_order(cfg, row, col, s.t[i], s.step_key[i], order);
+}
+
+// observe_one_env plus ObserveOut's optional outputs, at env i's rows of each buffer.
+WS_HD void observe_one_env(const Config& cfg, const StateView& s, int64_t i, const ObserveOut& out) {
+  int32_t* neighbours = out.neighbours + 4 * i;
+  observe_one_env(cfg, s, i, neighbours, out.order + 4 * i);
+  if (out.valid)
+    for (int d = 0; d < 4; ++d) out.valid[4 * i + d] = neighbours[d] >= 0;
+  if (out.position) {
+    out.position[2 * i] = s.col[i];
+    out.position[2 * i + 1] = s.row[i];
+  }
+  if (out.step_index) out.step_index[i] = s.t[i];
+  if (out.wind_from) out.wind_from[i] = s.wind_from[i];
 }
 
 // ---- token rendering ----------------------------------------------------------------------------

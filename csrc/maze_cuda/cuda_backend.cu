@@ -116,10 +116,10 @@ __global__ void clone_kernel(Config cfg, StateView s, int64_t src, int64_t dst_b
   if (threadIdx.x == 0) clone_scalars(s, src, dst, independent);
 }
 
-__global__ void observe_kernel(Config cfg, StateView s, int32_t* neighbours, int32_t* order) {
+__global__ void observe_kernel(Config cfg, StateView s, ObserveOut out) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= s.num_envs) return;
-  observe_one_env(cfg, s, i, neighbours + 4 * i, order + 4 * i);
+  observe_one_env(cfg, s, i, out);
 }
 
 // A warp per env: every lane derives the same fragment list (a few dozen integer ops), then the
@@ -162,8 +162,9 @@ __global__ void oracle_kernel(Config cfg, StateView s, int64_t begin, int64_t co
 
 bool cuda_compiled() { return true; }
 
-void cuda_reset(const Config& config, const StateView& s, const uint8_t* mask, uintptr_t stream) {
-  const Config cfg = prepare(config);
+void cuda_reset(const PreparedConfig& prepared, const StateView& s, const uint8_t* mask,
+                uintptr_t stream) {
+  const Config& cfg = prepared.get();
   check_state(s);
   if (s.num_envs == 0) return;
   const int32_t* order = device_bfs_order(cfg.size);
@@ -172,9 +173,9 @@ void cuda_reset(const Config& config, const StateView& s, const uint8_t* mask, u
   check(cudaGetLastError(), "reset_kernel");
 }
 
-void cuda_step(const Config& config, const StateView& s, const int32_t* actions, const StepOut& out,
-               uintptr_t stream) {
-  const Config cfg = prepare(config);
+void cuda_step(const PreparedConfig& prepared, const StateView& s, const int32_t* actions,
+               const StepOut& out, uintptr_t stream) {
+  const Config& cfg = prepared.get();
   check_state(s);
   check_step_out(out, s.num_envs);
   if (s.num_envs == 0) return;
@@ -207,9 +208,9 @@ void cuda_step(const Config& config, const StateView& s, const int32_t* actions,
   check(cudaGetLastError(), "step_kernel");
 }
 
-void cuda_clone(const Config& config, const StateView& s, int64_t src, int64_t dst_begin,
+void cuda_clone(const PreparedConfig& prepared, const StateView& s, int64_t src, int64_t dst_begin,
                 int64_t dst_end, bool independent, uintptr_t stream) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   check_clone_range(s, src, dst_begin, dst_end);
   if (dst_end == dst_begin) return;
@@ -218,20 +219,27 @@ void cuda_clone(const Config& config, const StateView& s, int64_t src, int64_t d
   check(cudaGetLastError(), "clone_kernel");
 }
 
-void cuda_observe(const Config& config, const StateView& s, int32_t* neighbours, int32_t* order,
+void cuda_observe(const PreparedConfig& prepared, const StateView& s, const ObserveOut& out,
                   uintptr_t stream) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   if (s.num_envs == 0) return;
-  if (!neighbours || !order) throw std::invalid_argument("observe: null output pointer");
-  observe_kernel<<<blocks_for(s.num_envs, THREADS), THREADS, 0, as_stream(stream)>>>(
-      cfg, s, neighbours, order);
+  if (!out.neighbours || !out.order) throw std::invalid_argument("observe: null output pointer");
+  observe_kernel<<<blocks_for(s.num_envs, THREADS), THREADS, 0, as_stream(stream)>>>(cfg, s, out);
   check(cudaGetLastError(), "observe_kernel");
 }
 
-void cuda_render_tokens(const Config& config, const StateView& s, const TokenTable& tt,
+void cuda_observe(const PreparedConfig& prepared, const StateView& s, int32_t* neighbours,
+                  int32_t* order, uintptr_t stream) {
+  ObserveOut out;
+  out.neighbours = neighbours;
+  out.order = order;
+  cuda_observe(prepared, s, out, stream);
+}
+
+void cuda_render_tokens(const PreparedConfig& prepared, const StateView& s, const TokenTable& tt,
                         int32_t* out_ids, int32_t* lengths, uintptr_t stream) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   check_token_table(cfg, tt);
   if (s.num_envs == 0) return;
@@ -246,14 +254,14 @@ void cuda_render_tokens(const Config& config, const StateView& s, const TokenTab
     throw std::invalid_argument(render_error_message(bad, fetch(lengths + bad, st), tt.max_len));
 }
 
-size_t cuda_oracle_scratch_bytes(const Config& config, int64_t envs) {
-  const Config cfg = prepare(config);
+size_t cuda_oracle_scratch_bytes(const PreparedConfig& prepared, int64_t envs) {
+  const Config& cfg = prepared.get();
   return oracle_scratch_bytes_per_env(cfg.size) * static_cast<size_t>(envs < 0 ? 0 : envs);
 }
 
-void cuda_oracle(const Config& config, const StateView& s, int32_t* dist, uint8_t* optimal,
+void cuda_oracle(const PreparedConfig& prepared, const StateView& s, int32_t* dist, uint8_t* optimal,
                  void* scratch, size_t scratch_bytes, uintptr_t stream) {
-  const Config cfg = prepare(config);
+  const Config& cfg = prepared.get();
   check_state(s);
   if (s.num_envs == 0) return;
   if (!dist || !optimal) throw std::invalid_argument("oracle: null output pointer");

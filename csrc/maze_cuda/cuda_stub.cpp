@@ -12,20 +12,23 @@ namespace {
 }  // namespace
 
 bool cuda_compiled() { return false; }
-void cuda_reset(const Config&, const StateView&, const uint8_t*, uintptr_t) { no_cuda(); }
-void cuda_step(const Config&, const StateView&, const int32_t*, const StepOut&, uintptr_t) {
+void cuda_reset(const PreparedConfig&, const StateView&, const uint8_t*, uintptr_t) { no_cuda(); }
+void cuda_step(const PreparedConfig&, const StateView&, const int32_t*, const StepOut&, uintptr_t) {
   no_cuda();
 }
-void cuda_clone(const Config&, const StateView&, int64_t, int64_t, int64_t, bool, uintptr_t) {
+void cuda_clone(const PreparedConfig&, const StateView&, int64_t, int64_t, int64_t, bool, uintptr_t) {
   no_cuda();
 }
-void cuda_observe(const Config&, const StateView&, int32_t*, int32_t*, uintptr_t) { no_cuda(); }
-void cuda_render_tokens(const Config&, const StateView&, const TokenTable&, int32_t*, int32_t*,
+void cuda_observe(const PreparedConfig&, const StateView&, const ObserveOut&, uintptr_t) {
+  no_cuda();
+}
+void cuda_observe(const PreparedConfig&, const StateView&, int32_t*, int32_t*, uintptr_t) { no_cuda(); }
+void cuda_render_tokens(const PreparedConfig&, const StateView&, const TokenTable&, int32_t*, int32_t*,
                         uintptr_t) {
   no_cuda();
 }
-size_t cuda_oracle_scratch_bytes(const Config&, int64_t) { no_cuda(); }
-void cuda_oracle(const Config&, const StateView&, int32_t*, uint8_t*, void*, size_t, uintptr_t) {
+size_t cuda_oracle_scratch_bytes(const PreparedConfig&, int64_t) { no_cuda(); }
+void cuda_oracle(const PreparedConfig&, const StateView&, int32_t*, uint8_t*, void*, size_t, uintptr_t) {
   no_cuda();
 }
 

@@ -227,6 +227,39 @@ TEST(cpu_walk_matches_shared_walk) {
   CHECK_EQ(compared, int(routines.size()) * 6 * 10);
 }
 
+TEST(prepared_config_is_validated_once_and_observe_writes_its_optional_outputs) {
+  CHECK_THROWS(PreparedConfig(cfg(3)), std::invalid_argument, "Config.size=3");
+  Config c = cfg(12);
+  c.wind_prob = 1.0;
+  const PreparedConfig p(c);
+  CHECK_EQ(p.get().interior, int64_t(100));
+  CHECK(p.get().wind_threshold == (uint64_t{1} << 32));
+  Batch b(5, 12);
+  cpu_reset(p, b.view(), nullptr, 1);
+  std::vector<int32_t> a = valid_actions(b, 3);
+  cpu_step(p, b.view(), a.data(), b.out(), 1);
+  std::vector<int32_t> nb(20, -9), order(20, -9), pos(10, -9), t(5, -9), wind(5, -9);
+  std::vector<uint8_t> valid(20, 7);
+  ObserveOut out;
+  out.neighbours = nb.data();
+  out.order = order.data();
+  out.valid = valid.data();
+  out.position = pos.data();
+  out.step_index = t.data();
+  out.wind_from = wind.data();
+  cpu_observe(p, b.view(), out, 2);
+  std::vector<int32_t> nb2(20), order2(20);
+  cpu_observe(p, b.view(), nb2.data(), order2.data(), 1);  // the required outputs alone
+  CHECK(nb == nb2 && order == order2);
+  for (int i = 0; i < 5; ++i) {
+    for (int d = 0; d < 4; ++d) CHECK_EQ(int(valid[size_t(4 * i + d)]), int(nb[size_t(4 * i + d)] >= 0));
+    CHECK_EQ(pos[size_t(2 * i)], b.col[size_t(i)]);
+    CHECK_EQ(pos[size_t(2 * i + 1)], b.row[size_t(i)]);
+    CHECK_EQ(t[size_t(i)], 1);
+    CHECK_EQ(wind[size_t(i)], b.wind_from[size_t(i)]);
+  }
+}
+
 TEST(step_validation_leaves_state_unchanged) {
   Batch b(8, 6);
   const Config c = cfg(6);

@@ -183,7 +183,7 @@ def test_following_the_oracle_shortens_the_distance_to_gold():
     batch = MazeBatch(MazeConfig(size=20, wind_prob=0.0), 32, seed=2)
     checked = 0
     for _ in range(batch.config.episode_steps):
-        dist, optimal = batch.oracle()
+        dist, optimal = (x.clone() for x in batch.oracle())  # the next oracle() overwrites them
         valid = batch.observe().valid
         assert (optimal.any(dim=1)).all() and not (optimal & ~valid).any()
         result = batch.step(optimal.int().argmax(dim=1))
@@ -274,3 +274,143 @@ def test_batch_calls_release_the_gil():
     inside = sum(1 for t in stamps for a, b in spans if a + margin < t < b - margin)
     assert all(b - a > 4 * margin for a, b in spans)
     assert inside > 10
+
+
+def test_wind_message_is_capitalised_in_text_and_tokens(smollm2_tokenizer):
+    # The paper's code writes "A strong wind from the North blew you South! "; the clauses' words
+    # stay lowercase. Text (render_text), token ids (C++ fragments) and the real tokenizer agree.
+    config = MazeConfig(size=12, wind_prob=1.0)
+    table = MazeTokenTable.from_tokenizer(smollm2_tokenizer, config)
+    batch = MazeBatch(config, 32, seed=5)
+    batch.step(batch.observe().valid.int().argmax(dim=1))
+    names = ("North", "East", "South", "West")
+    texts = batch.render_text()
+    ids, lengths = batch.render_tokens(table)
+    winds = batch.wind_from.tolist()
+    assert any(w >= 0 for w in winds)
+    for i, (text, wind) in enumerate(zip(texts, winds)):
+        if wind >= 0:
+            assert text.startswith(f"A strong wind from the {names[wind]} blew you {names[(wind + 2) % 4]}! "
+                                   "You are in a maze.")
+        else:
+            assert text.startswith("You are in a maze.")
+        assert not any(f"o the {name} there" in text for name in names)  # clause words stay lowercase
+        assert ids[i, : lengths[i]].tolist() == tokenized_turn(smollm2_tokenizer, table, text)
+
+
+# ---- the output rule (MazeBatch's docstring): a returned tensor is the batch's buffer for that
+# method, overwritten in place by the next call of the same method and by nothing else.
+
+def _clones(obj):
+    return {name: value.clone() for name, value in vars(obj).items()}
+
+
+def _unchanged(obj, snapshot):
+    return all(torch.equal(getattr(obj, name), value) for name, value in snapshot.items())
+
+
+def test_a_kept_step_result_changes_only_at_the_next_step(smollm2_tokenizer):
+    config = MazeConfig(size=12, episode_steps=3, wind_prob=0.5)
+    table = MazeTokenTable.from_tokenizer(smollm2_tokenizer, config)
+    batch = MazeBatch(config, 16, seed=3)
+    kept = batch.step(batch.observe().valid.int().argmax(dim=1))
+    assert kept.done.dtype == torch.bool
+    snapshot = _clones(kept)
+    batch.observe()
+    batch.render_text()
+    batch.render_tokens(table)
+    batch.oracle()
+    batch.clone(0, 1, 4)
+    assert _unchanged(kept, snapshot)
+    pointers = {name: value.data_ptr() for name, value in vars(kept).items()}
+    rng = torch.Generator().manual_seed(0)
+    changed = False
+    for _ in range(2):  # to the episode's end: done flips to True in place
+        valid = batch.observe().valid
+        result = batch.step((torch.rand(16, 4, generator=rng) + valid).argmax(dim=1))
+        assert {name: value.data_ptr() for name, value in vars(result).items()} == pointers
+        changed |= not _unchanged(kept, snapshot)
+    assert changed and kept.done.all()
+    batch.reset()  # reset writes no step output
+    assert kept.done.all()
+
+
+def test_a_kept_observation_changes_only_at_the_next_observe(smollm2_tokenizer):
+    config = MazeConfig(size=12, wind_prob=1.0)
+    table = MazeTokenTable.from_tokenizer(smollm2_tokenizer, config)
+    batch = MazeBatch(config, 16, seed=4)
+    kept = batch.observe()
+    snapshot = _clones(kept)
+    assert kept.step_index.eq(0).all()
+    batch.step(kept.valid.int().argmax(dim=1))
+    batch.render_text()  # reads the state through buffers of its own
+    batch.render_tokens(table)
+    batch.oracle()
+    assert _unchanged(kept, snapshot)  # a snapshot: the live step index has moved on
+    assert batch.step_index.eq(1).all() and not torch.equal(batch.wind_from, kept.wind_from)
+    again = batch.observe()
+    assert again is kept or all(getattr(again, n).data_ptr() == getattr(kept, n).data_ptr() for n in snapshot)
+    assert kept.step_index.eq(1).all() and torch.equal(kept.wind_from, batch.wind_from)
+    assert torch.equal(kept.position, torch.stack([batch.col, batch.row], dim=1))
+    assert torch.equal(kept.valid, kept.neighbours.ge(0))
+
+
+def test_kept_tokens_and_oracle_change_only_at_their_next_call(smollm2_tokenizer):
+    config = MazeConfig(size=12, wind_prob=0.0)
+    table = MazeTokenTable.from_tokenizer(smollm2_tokenizer, config)
+    batch = MazeBatch(config, 8, seed=6)
+    ids, lengths = batch.render_tokens(table)
+    dist, optimal = batch.oracle()
+    kept = ids.clone(), lengths.clone(), dist.clone(), optimal.clone()
+    batch.step(optimal.int().argmax(dim=1))
+    batch.observe()
+    batch.render_text()
+    assert all(torch.equal(a, b) for a, b in zip((ids, lengths, dist, optimal), kept))
+    ids2, lengths2 = batch.render_tokens(table)
+    dist2, optimal2 = batch.oracle()
+    assert ids2.data_ptr() == ids.data_ptr() and dist2.data_ptr() == dist.data_ptr()
+    assert not torch.equal(ids, kept[0])  # the prompts moved with the agents
+    # a caller's own buffers are written and returned instead
+    out = torch.full_like(ids, -5)
+    mine, _ = batch.render_tokens(table, out=out)
+    assert mine is out and torch.equal(out, ids2)
+
+
+def test_b1_calls_take_int32_actions_as_they_are():
+    # The B=1 fast path must still refuse what the general path refuses.
+    batch = MazeBatch(MazeConfig(size=8, wind_prob=0.0), 1, seed=2)
+    action = batch.observe().valid.int().argmax(dim=1).to(torch.int32)
+    batch.step(action)
+    with pytest.raises(ValueError, match=r"actions must have shape \[1\]"):
+        batch.step(torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="actions must have shape"):
+        batch.step(torch.zeros(2, dtype=torch.int32)[::2][:0])
+    strided = torch.zeros(2, dtype=torch.int32)[::2]  # shape [1], contiguous by torch's rule
+    strided[0] = int(batch.observe().valid.int().argmax())
+    batch.step(strided)
+
+
+def test_no_simd_forces_the_portable_generator_with_the_same_mazes():
+    # WS_NO_SIMD=1 (read once, at the first generation) picks the portable routine; the mazes are
+    # bitwise those of the SIMD routine this CPU runs by default (on a CPU without one, both runs
+    # are portable and the test still checks the switch).
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch, sys\n"
+              "from welfare_server import _maze_core as core\n"
+              "from welfare_server.maze import MazeBatch, MazeConfig\n"
+              "b = MazeBatch(MazeConfig(size=67, autoreset=True), 6, seed=11)\n"
+              "b.reset()\n"
+              "sys.stdout.write(core.cpu_sampler_name() + ' ' + ','.join(core.cpu_supported_routines()) + ' '\n"
+              "                 + b.grids.flatten().numpy().tobytes().hex() + ' ' + str(b.row.tolist()))\n")
+    runs = {}
+    for flag in ("0", "1"):
+        env = {**os.environ, "WS_NO_SIMD": flag}
+        runs[flag] = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split(" ", 3)
+    default, forced = runs["0"], runs["1"]
+    supported = default[1].split(",")
+    assert forced[0] == "portable" and default[0] == supported[-1] and supported[0] == "portable"
+    assert default[2:] == forced[2:]

@@ -7,10 +7,18 @@ CUDA entry points' behaviour on a build or machine without CUDA.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from welfare_server import _maze_core as core
+from welfare_server.maze.config import PYTHON_ONLY_FIELDS, MazeConfig
+
+
+def config(seed: int = 0, **rules):
+    """The core's Config of MazeConfig(**rules): every field by name, as MazeBatch builds it."""
+    return core.Config(**MazeConfig(**rules).core_fields(seed))
 
 
 def make_state(num_envs: int, size: int):
@@ -60,16 +68,42 @@ def valid_actions(bufs, size: int, salt: int = 0) -> torch.Tensor:
 
 
 def test_config_fields_and_validation():
-    cfg = core.Config(size=12, seed=2**64 - 1, wind_prob=0.25, autoreset=True)
+    cfg = config(seed=2**64 - 1, size=12, wind_prob=0.25, autoreset=True)
     assert (cfg.size, cfg.seed, cfg.wind_prob, cfg.autoreset) == (12, 2**64 - 1, 0.25, True)
     assert cfg.interior_cells == 100 and cfg.mold_count_lo == 11 and cfg.mold_count_hi == 49
     assert cfg.wind_threshold == 2**30
-    cfg.validate()
-    cfg.size = 3
+    with pytest.raises(AttributeError):  # read-only: derived values cannot go stale
+        cfg.size = 3
+    fields = MazeConfig(size=12).core_fields(0)
     with pytest.raises(ValueError, match=r"Config.size=3 is out of bounds \[4, 1000\]"):
-        cfg.validate()
-    with pytest.raises(ValueError, match="size"):
-        core.cpu_reset(cfg, make_state(1, 3)[1], 0, 1)
+        core.Config(**{**fields, "size": 3})
+    with pytest.raises(ValueError, match=r"Config.gold_ratio is missing: every field is required"):
+        core.Config(**{k: v for k, v in fields.items() if k != "gold_ratio"})
+    with pytest.raises(ValueError, match="Config has no field 'glyphs'"):
+        core.Config(**fields, glyphs="office")
+    with pytest.raises(ValueError, match="Config.episode_steps=2.5 is not an integer in range"):
+        core.Config(**{**fields, "episode_steps": 2.5})
+    with pytest.raises(ValueError, match="Config.seed=-1 is not an integer in range"):
+        core.Config(**{**fields, "seed": -1})
+
+
+def test_core_config_fields_are_mazeconfigs_rules():
+    # One statement of the rules: every MazeConfig constructor field but the Python-only ones is a
+    # core field, and the core has no other (MazeBatch passes them by name; a new rule added to
+    # the dataclass but not to WS_CONFIG_FIELDS is refused by name at the first MazeBatch).
+    rules = [f.name for f in dataclasses.fields(MazeConfig) if f.init and f.name not in PYTHON_ONLY_FIELDS]
+    assert list(core.CONFIG_FIELDS) == rules + ["seed"]
+    assert set(MazeConfig().core_fields(5)) == set(core.CONFIG_FIELDS)
+    # the values reach the core unchanged (floats through float32 for the rewards)
+    custom = MazeConfig(size=33, episode_steps=7, wind_prob=0.3, melting=False, step_reward=-0.5,
+                        mold_reward=-3.0, gold_reward=4.0, walk_min_mult=2, walk_max_mult=9,
+                        mold_fraction_min=0.2, mold_fraction_max=0.6, gold_ratio=0.1,
+                        shuffle_directions=False, autoreset=True)
+    cfg = core.Config(**custom.core_fields(11))
+    for name in rules:
+        assert getattr(cfg, name) == pytest.approx(getattr(custom, name)), name
+    assert (cfg.interior_cells, cfg.mold_count_lo, cfg.mold_count_hi, cfg.wind_threshold) == (
+        custom.interior_cells, custom.mold_count_lo, custom.mold_count_hi, custom.wind_threshold)
 
 
 def test_rng_helpers_known_values():
@@ -86,7 +120,7 @@ def test_rng_helpers_known_values():
 
 def test_reset_step_and_validation_leaves_state_unchanged():
     size, b = 16, 6
-    cfg = core.Config(size=size, seed=9, episode_steps=4)
+    cfg = config(seed=9, size=size, episode_steps=4)
     bufs, view = make_state(b, size)
     bufs["episode"][:] = torch.arange(b) * 10
     core.cpu_reset(cfg, view, 0, 2)
@@ -124,7 +158,7 @@ def test_reset_step_and_validation_leaves_state_unchanged():
 
 def test_render_observe_oracle_clone():
     size, b = 10, 5
-    cfg = core.Config(size=size, seed=1)
+    cfg = config(seed=1, size=size)
     bufs, view = make_state(b, size)
     core.cpu_reset(cfg, view, 0, 0)
     nf = 58 + 2 * size
@@ -152,10 +186,19 @@ def test_render_observe_oracle_clone():
 
     neighbours = torch.empty((b, 4), dtype=torch.int32)
     order = torch.empty((b, 4), dtype=torch.int32)
-    core.cpu_observe(cfg, view, neighbours.data_ptr(), order.data_ptr(), 1)
+    core.cpu_observe(cfg, view, core.ObserveOut(neighbours.data_ptr(), order.data_ptr()), 1)
     for i in range(b):
         listed = sorted(d for d in order[i].tolist() if d >= 0)
         assert listed == [d for d in range(4) if neighbours[i, d] >= 0]
+    # the optional outputs: the mask, (x, y) and a snapshot of t and the wind message
+    valid = torch.full((b, 4), 7, dtype=torch.uint8)
+    position = torch.full((b, 2), -9, dtype=torch.int32)
+    t, wind = torch.full((b,), -9, dtype=torch.int32), torch.full((b,), -9, dtype=torch.int32)
+    core.cpu_observe(cfg, view, core.ObserveOut(neighbours.data_ptr(), order.data_ptr(), valid.data_ptr(),
+                                                position.data_ptr(), t.data_ptr(), wind.data_ptr()), 1)
+    assert torch.equal(valid, neighbours.ge(0).to(torch.uint8))
+    assert torch.equal(position, torch.stack([bufs["col"], bufs["row"]], dim=1))
+    assert torch.equal(t, bufs["t"]) and torch.equal(wind, bufs["wind_from"])
 
     dist = torch.empty(b, dtype=torch.int32)
     optimal = torch.empty((b, 4), dtype=torch.uint8)
@@ -174,7 +217,7 @@ def test_render_observe_oracle_clone():
 
 
 def test_cuda_entry_points_without_gpu():
-    cfg = core.Config(size=8)
+    cfg = config(size=8)
     bufs, view = make_state(1, 8)
     if not core.cuda_compiled():
         with pytest.raises(RuntimeError, match="built without the CUDA backend"):
@@ -182,7 +225,6 @@ def test_cuda_entry_points_without_gpu():
         return
     if torch.cuda.is_available():
         pytest.skip("GPU parity is tested by the lead's parity tests")
-    # Built with CUDA but no usable device: config checks still raise ValueError first.
-    cfg.size = 2
-    with pytest.raises(ValueError):
-        core.cuda_reset(cfg, view, 0, 0)
+    # Built with CUDA but no usable device: state checks still raise ValueError first.
+    with pytest.raises(ValueError, match="num_envs"):
+        core.cuda_reset(cfg, core.StateView(-1, *([0] * 10)), 0, 0)

@@ -34,7 +34,10 @@ def test_cuda_matches_cpu_bitwise(config, smollm2_tokenizer):
         assert torch.equal(ids_cpu, ids_gpu.cpu()) and torch.equal(len_cpu, len_gpu.cpu())
         a, b = cpu.oracle(), gpu.oracle()
         assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
-        valid = cpu.observe().valid
+        seen, seen_gpu = cpu.observe(), gpu.observe()
+        for field in ("neighbours", "valid", "order", "position", "step_index", "wind_from"):
+            assert torch.equal(getattr(seen, field), getattr(seen_gpu, field).cpu()), f"{field} at step {t}"
+        valid = seen.valid
         actions = (torch.rand(num_envs, 4, generator=generator) + valid).argmax(dim=1).to(torch.int32)
         x, y = cpu.step(actions), gpu.step(actions.cuda())
         assert torch.equal(x.reward.view(torch.int32), y.reward.cpu().view(torch.int32))

@@ -32,18 +32,15 @@ def _core():
 
 
 def _core_config(config: MazeConfig, seed: int):
-    return _core().Config(
-        size=config.size, episode_steps=config.episode_steps, wind_prob=config.wind_prob,
-        melting=config.melting, step_reward=config.step_reward, mold_reward=config.mold_reward,
-        gold_reward=config.gold_reward, walk_min_mult=config.walk_min_mult,
-        walk_max_mult=config.walk_max_mult, mold_fraction_min=config.mold_fraction_min,
-        mold_fraction_max=config.mold_fraction_max, gold_ratio=config.gold_ratio,
-        shuffle_directions=config.shuffle_directions, autoreset=config.autoreset, seed=seed)
+    """The core's Config, validated and derived once (it is read-only): built from MazeConfig's
+    fields by name, so the dataclass is the one place the rules and their defaults are stated."""
+    return _core().Config(**config.core_fields(seed))
 
 
 @dataclass
 class StepResult:
-    """What one step returns, per env (tensors on the batch's device)."""
+    """What one step returns, per env (tensors on the batch's device). Views of the batch's step
+    buffers: the next step() overwrites them, nothing else does (MazeBatch's output rule)."""
 
     reward: torch.Tensor
     """float32 [B]: step reward plus the entered (and pushed-into) tiles' rewards."""
@@ -59,7 +56,9 @@ class StepResult:
 
 @dataclass
 class Observation:
-    """The state an agent sees before its next move (tensors on the batch's device)."""
+    """The state an agent sees before its next move (tensors on the batch's device), as of the
+    observe() call that returned it. Views of the batch's observation buffers: the next observe()
+    overwrites them, nothing else does (MazeBatch's output rule)."""
 
     neighbours: torch.Tensor
     """int32 [B, 4]: tile code to the N, E, S, W; -1 outside the grid."""
@@ -80,6 +79,15 @@ class MazeBatch:
 
     Construction resets env i to episode 0, so env i's first maze is a pure function of
     (seed, i, 0). Thereafter reset() moves the selected envs to their next episode index.
+
+    Output rule (every method): a tensor a method returns is a view of a buffer the batch keeps
+    for that method (or the caller's own out= buffer). It stays valid and unchanged until the next
+    call of the same method, which overwrites it in place; no other method writes it. Clone what
+    you keep longer. (step() -> StepResult, observe() -> Observation, render_tokens() -> (ids,
+    lengths), oracle() -> (dist, optimal).) Fixed buffers, not fresh tensors: allocating per call
+    costs more than the whole core call at small B. The state tensors (grids, row, col,
+    step_index, wind_from, episode, done, ...) are the live state: reset(), step() and clone()
+    change them.
     """
 
     def __init__(self, config: MazeConfig, num_envs: int, seed: int = 0, device: str | torch.device = "cpu",
@@ -109,8 +117,9 @@ class MazeBatch:
         self.num_envs = num_envs
         self.seed = seed
         self.num_threads = num_threads
+        self._core = core
+        self._cuda = self.device.type == "cuda"
         self._cfg = _core_config(config, seed)
-        self._cfg.validate()
 
         def alloc(*shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=self.device)
@@ -132,19 +141,29 @@ class MazeBatch:
             self.step_index.data_ptr(), self.wind_from.data_ptr(), self.episode.data_ptr(),
             self.step_key.data_ptr(), self.done.data_ptr(), self.origin_env.data_ptr(),
             self.origin_episode.data_ptr())
-        # Step outputs are written into fixed buffers (no allocation per step); step() returns views.
-        self._reward = alloc(B, dtype=torch.float32)
-        self._tile_entered = alloc(B, dtype=torch.int32)
-        self._tile_pushed = alloc(B, dtype=torch.int32)
-        self._step_wind = alloc(B, dtype=torch.int32)
-        self._step_done = alloc(B, dtype=torch.uint8)
-        self._step_out = core.StepOut(
-            self._reward.data_ptr(), self._tile_entered.data_ptr(), self._tile_pushed.data_ptr(),
-            self._step_wind.data_ptr(), self._step_done.data_ptr())
+        # Step outputs (done is a bool tensor: the core writes 0/1 bytes into its storage).
+        self._step_result = StepResult(
+            reward=alloc(B, dtype=torch.float32), tile_entered=alloc(B, dtype=torch.int32),
+            tile_pushed=alloc(B, dtype=torch.int32), wind_from=alloc(B, dtype=torch.int32),
+            done=alloc(B, dtype=torch.bool))
+        r = self._step_result
+        self._step_out = core.StepOut(r.reward.data_ptr(), r.tile_entered.data_ptr(), r.tile_pushed.data_ptr(),
+                                      r.wind_from.data_ptr(), r.done.data_ptr())
+        # Observation buffers, all written by one core call.
         self._observation = Observation(
             neighbours=alloc(B, 4, dtype=torch.int32), valid=alloc(B, 4, dtype=torch.bool),
             order=alloc(B, 4, dtype=torch.int32), position=alloc(B, 2, dtype=torch.int32),
-            step_index=self.step_index, wind_from=self.wind_from)
+            step_index=alloc(B, dtype=torch.int32), wind_from=alloc(B, dtype=torch.int32))
+        o = self._observation
+        self._observe_out = core.ObserveOut(o.neighbours.data_ptr(), o.order.data_ptr(), o.valid.data_ptr(),
+                                            o.position.data_ptr(), o.step_index.data_ptr(),
+                                            o.wind_from.data_ptr())
+        self._text_neighbours = alloc(B, 4, dtype=torch.int32)  # render_text's own, see there
+        self._text_order = alloc(B, 4, dtype=torch.int32)
+        self._text_out = core.ObserveOut(self._text_neighbours.data_ptr(), self._text_order.data_ptr())
+        self._tokens = None  # (width, ids, lengths) buffers of render_tokens
+        self._token_tables = {}  # id(table) -> (table, core TokenTable) on this device
+        self._oracle_out = None  # (dist, optimal, scratch)
         self._call("reset", self._state, 0)
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -152,8 +171,8 @@ class MazeBatch:
         """Call the CPU or CUDA entry point of the core: the one place the backend is chosen.
         CUDA calls end with the current stream; CPU batch calls with the thread count (clone, a
         plain copy, takes none)."""
-        core = _core()
-        if self.device.type == "cuda":
+        core = self._core
+        if self._cuda:
             stream = torch.cuda.current_stream(self.device).cuda_stream
             with torch.cuda.device(self.device):
                 return getattr(core, "cuda_" + name)(self._cfg, *args, stream)
@@ -162,9 +181,16 @@ class MazeBatch:
 
     def _env_tensor(self, value, name: str, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
         """Check a per-env argument's shape and convert it to a contiguous tensor on our device."""
-        if isinstance(value, torch.Tensor) and value.device != self.device:
-            # No silent host<->device copy on the hot path: the caller keeps buffers where the batch is.
-            raise ValueError(f"{name} is on {value.device}, the batch is on {self.device}")
+        if isinstance(value, torch.Tensor):
+            # fast path: already what the core reads (a step at B=1 is ~1 us of C++; the general
+            # conversion below costs ~5)
+            if (value.dtype == dtype and value.is_contiguous() and value.dim() == (1 if width is None else 2)
+                    and value.shape[0] == self.num_envs and (width is None or value.shape[1] == width)
+                    and (value.device == self.device if self._cuda else value.is_cpu)):
+                return value
+            if value.device != self.device:
+                # No silent host<->device copy on the hot path: the caller keeps buffers where the batch is.
+                raise ValueError(f"{name} is on {value.device}, the batch is on {self.device}")
         tensor = torch.as_tensor(value, device=self.device)
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
             raise ValueError(f"{name} must hold integers, got dtype {tensor.dtype}")
@@ -185,12 +211,15 @@ class MazeBatch:
         self._call("reset", self._state, mask_tensor.data_ptr())
 
     def step(self, actions) -> StepResult:
-        """Move every env by its action (0=N, 1=E, 2=S, 3=W). Invalid actions raise ValueError and
-        change nothing. The returned tensors are views of fixed buffers, overwritten by the next step."""
+        """Move every env by its action (0=N, 1=E, 2=S, 3=W; int32 [B] is taken as it is, anything
+        else integer-valued is converted). Invalid actions raise ValueError and change nothing.
+        Returns the batch's StepResult buffers, overwritten by the next step() (the output rule)."""
         action_tensor = self._env_tensor(actions, "actions", torch.int32)
-        self._call("step", self._state, action_tensor.data_ptr(), self._step_out)
-        return StepResult(self._reward, self._tile_entered, self._tile_pushed, self._step_wind,
-                          self._step_done.bool())
+        if self._cuda:
+            self._call("step", self._state, action_tensor.data_ptr(), self._step_out)
+        else:
+            self._core.cpu_step(self._cfg, self._state, action_tensor.data_ptr(), self._step_out, self.num_threads)
+        return self._step_result
 
     def clone(self, src: int, dst_start: int, dst_stop: int, independent: bool = True) -> None:
         """Copy env src's whole state into envs dst_start..dst_stop-1 (a GRPO group starts from one
@@ -202,23 +231,22 @@ class MazeBatch:
 
     # -- observations ---------------------------------------------------------------------------
     def observe(self) -> Observation:
-        """What each env shows before its next move. Like step()'s result, the tensors are views of
-        fixed buffers (step_index and wind_from of the live state), overwritten by the next
-        observe/step: clone what you keep. (Fresh tensors per call cost more than the whole C++
-        observe at small B: 14 us vs 6 us per call at B=1 on the dev box.)"""
-        obs = self._observation
-        self._call("observe", self._state, obs.neighbours.data_ptr(), obs.order.data_ptr())
-        torch.ge(obs.neighbours, 0, out=obs.valid)
-        obs.position[:, 0].copy_(self.col)
-        obs.position[:, 1].copy_(self.row)
-        return obs
+        """What each env shows before its next move, as of this call (one core call writes every
+        field). Returns the batch's Observation buffers, overwritten by the next observe() and by
+        nothing else (the output rule): a kept observation is not changed by step() or reset()."""
+        if self._cuda:
+            self._call("observe", self._state, self._observe_out)
+        else:
+            self._core.cpu_observe(self._cfg, self._state, self._observe_out, self.num_threads)
+        return self._observation
 
     def render_text(self, indices=None) -> list[str]:
-        """The user-turn prompt text of each env (or of the given env indices)."""
-        observation = self.observe()
+        """The user-turn prompt text of each env (or of the given env indices). Reads the state
+        through buffers of its own, so an Observation the caller holds is left as it was."""
+        self._call("observe", self._state, self._text_out)
         picked = range(self.num_envs) if indices is None else indices
-        neighbours = observation.neighbours.cpu().tolist()
-        order = observation.order.cpu().tolist()
+        neighbours = self._text_neighbours.cpu().tolist()
+        order = self._text_order.cpu().tolist()
         rows, cols, winds = self.row.tolist(), self.col.tolist(), self.wind_from.tolist()
         texts = T.fragment_texts(self.config)
         out = []
@@ -230,40 +258,50 @@ class MazeBatch:
     def render_tokens(self, table: MazeTokenTable, out: torch.Tensor | None = None,
                       lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write every env's user-turn token ids into out int32 [B, table.max_len] (padded with
-        table.pad_id) and lengths int32 [B], in C++/CUDA with no Python per env."""
+        table.pad_id) and lengths int32 [B], in C++/CUDA with no Python per env. Without out /
+        lengths, the batch's own buffers are used and returned: the next render_tokens() overwrites
+        them (the output rule)."""
         if not isinstance(table, MazeTokenTable):
             raise ValueError(f"table must be a MazeTokenTable, got {type(table).__name__}")
         if (table.config.size, table.config.glyphs) != (self.config.size, self.config.glyphs):
             raise ValueError(f"table was built for another MazeConfig: size {table.config.size} and glyphs "
                              f"{table.config.glyphs!r}, the batch has {self.config.size} and {self.config.glyphs!r}")
         width = table.max_len
-        if out is None:
-            out = torch.empty(self.num_envs, width, dtype=torch.int32, device=self.device)
-        if lengths is None:
-            lengths = torch.empty(self.num_envs, dtype=torch.int32, device=self.device)
+        if out is None or lengths is None:
+            if self._tokens is None or self._tokens[0] != width:
+                self._tokens = (width, torch.empty(self.num_envs, width, dtype=torch.int32, device=self.device),
+                                torch.empty(self.num_envs, dtype=torch.int32, device=self.device))
+            out = self._tokens[1] if out is None else out
+            lengths = self._tokens[2] if lengths is None else lengths
         self._check_buffer(out, "out", (self.num_envs, width), torch.int32)
         self._check_buffer(lengths, "lengths", (self.num_envs,), torch.int32)
-        ids, offsets = table.flat_tensors(self.device)
-        core_table = _core().TokenTable(ids.data_ptr(), offsets.data_ptr(), len(table.fragment_ids),
-                                        width, table.pad_id)
-        self._call("render_tokens", self._state, core_table, out.data_ptr(), lengths.data_ptr())
+        cached = self._token_tables.get(id(table))
+        if cached is None or cached[0] is not table:
+            ids, offsets = table.flat_tensors(self.device)
+            cached = (table, self._core.TokenTable(ids.data_ptr(), offsets.data_ptr(), len(table.fragment_ids),
+                                                  width, table.pad_id), ids, offsets)
+            self._token_tables[id(table)] = cached
+        self._call("render_tokens", self._state, cached[1], out.data_ptr(), lengths.data_ptr())
         return out, lengths
 
     def oracle(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(dist int32 [B], optimal bool [B, 4]): BFS moves to the nearest Gold through non-Mold
-        tiles (-1 if none) and the first moves of shortest paths (see docs/maze_spec.md)."""
-        dist = torch.empty(self.num_envs, dtype=torch.int32, device=self.device)
-        optimal = torch.empty(self.num_envs, 4, dtype=torch.uint8, device=self.device)
-        extra = ()
-        if self.device.type == "cuda":
-            # The CUDA oracle BFSes every env of a chunk at once in caller-provided scratch (9 bytes
-            # per cell per env), working through the batch chunk by chunk.
-            chunk = min(self.num_envs, ORACLE_CUDA_CHUNK_ENVS)
-            scratch = torch.empty(_core().cuda_oracle_scratch_bytes(self._cfg, chunk), dtype=torch.uint8,
-                                  device=self.device)
-            extra = (scratch.data_ptr(), scratch.numel())
+        tiles (-1 if none) and the first moves of shortest paths (see docs/maze_spec.md). The
+        batch's buffers, overwritten by the next oracle() (the output rule)."""
+        if self._oracle_out is None:
+            scratch = None
+            if self._cuda:
+                # The CUDA oracle BFSes every env of a chunk at once in caller-provided scratch (9
+                # bytes per cell per env), working through the batch chunk by chunk.
+                chunk = min(self.num_envs, ORACLE_CUDA_CHUNK_ENVS)
+                scratch = torch.empty(self._core.cuda_oracle_scratch_bytes(self._cfg, chunk), dtype=torch.uint8,
+                                      device=self.device)
+            self._oracle_out = (torch.empty(self.num_envs, dtype=torch.int32, device=self.device),
+                                torch.empty(self.num_envs, 4, dtype=torch.bool, device=self.device), scratch)
+        dist, optimal, scratch = self._oracle_out
+        extra = () if scratch is None else (scratch.data_ptr(), scratch.numel())
         self._call("oracle", self._state, dist.data_ptr(), optimal.data_ptr(), *extra)
-        return dist, optimal.bool()
+        return dist, optimal
 
     def _check_buffer(self, tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         if not isinstance(tensor, torch.Tensor):

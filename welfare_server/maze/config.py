@@ -35,6 +35,11 @@ MAX_WALK_MULT = 1000
 MAX_ABS_REWARD = 1.0e6
 DEFAULT_MAX_STATE_BYTES = 16 << 30
 
+PYTHON_ONLY_FIELDS = ("glyphs", "max_state_bytes")
+"""MazeConfig fields the C++ core never reads: the glyphs only reach it as token ids (MazeTokenTable)
+and the memory limit is checked by MazeBatch. Every other constructor field is a rule of the core,
+passed to it by name (MazeConfig.core_fields)."""
+
 
 @dataclass(frozen=True)
 class MazeConfig:
@@ -135,6 +140,16 @@ class MazeConfig:
     def glyph_strings(self) -> tuple[str, str, str]:
         """(Path, Mold, Gold) glyphs of the chosen preset."""
         return GLYPH_PRESETS[self.glyphs]
+
+    def core_fields(self, seed: int) -> dict:
+        """The C++ core's Config fields by name (welfare_server._maze_core.Config(**fields)): every
+        constructor field but PYTHON_ONLY_FIELDS, plus the seed. Built from the dataclass's fields,
+        so a new rule reaches the core without another list to edit (and the core refuses a field
+        it does not know)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.init and f.name not in PYTHON_ONLY_FIELDS}
+        fields["seed"] = seed
+        return fields
 
     def replace(self, **changes) -> "MazeConfig":
         """A copy with some fields changed (validated again)."""
