@@ -1,3 +1,3 @@
-"""welfare_server: a steering inference server with a C++ core (see ../shared/DESIGN.md)."""
+"""welfare_server: a steering inference server with a C++ core (see docs/architecture.md)."""
 
 __version__ = "0.1.0"

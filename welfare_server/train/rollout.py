@@ -2,7 +2,7 @@
 
 Each env's conversation is the chat template's prefix, then per turn the rendered user turn (token
 ids straight from MazeBatch.render_tokens, never re-tokenised) and the model's one-token answer,
-masked to the valid directions among N/E/S/W. The whole history stays in context (DESIGN.md).
+masked to the valid directions among N/E/S/W. The whole history stays in context (docs/architecture.md).
 
 play_episodes() plays them through the generation engine: one engine session per env keeps the
 conversation's KV cache between turns, so a turn prefills only the previous answer's end-of-turn
