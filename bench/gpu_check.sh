@@ -5,24 +5,30 @@
 #
 #   TOKENIZER_DIR=transfer/tokenizer bash bench/gpu_check.sh [STAGE ...]     (device tool, carry ["transfer"])
 #
-# STAGES, in order of what the open issues need most (default: all of them):
+# STAGES, in order of what the open issues need most (default: all of them; rollout only with MODEL_DIR):
 #   build     pip install -e . with WELFARE_CUDA=ON (the image has torch/triton and no network)
 #   maze      CUDA maze parity tests, then bench_maze.py --device cuda        (issue 2)
 #   kernels   Triton kernel tests on CUDA, then bench_steer.py --sweep         (issue 3)
 #   engine    CUDA-graph decode test, then bench_generate.py bf16              (issue 4)
+#   rollout   the engine and session tests on CUDA, then bench_rollout.py bf16 at 256 envs
+#             (needs MODEL_DIR: the bundled model's converted directory, carried in two parts)
 # Stage time limits below add up to ~9 min at worst (typically far less); the device session has
 # 15 min including the machine's start. A later call on the still-warm machine can rerun single
 # stages (the build stays in the working tree between calls).
 #
 # TOKENIZER_DIR: the bundled model's tokenizer files (3.5 MB) for the maze's token rendering,
 #   mkdir -p transfer/tokenizer && cp ~/.cache/welfare_server/models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja,config.json} transfer/tokenizer/
+# MODEL_DIR (rollout stage): the converted model (540 MB fp32 safetensors) does not fit one call's
+#   64 MiB; save it in bf16 (270 MB) and carry it in parts over several calls into /tmp there:
+#   python -c "from welfare_server.model.loading import load_model as l; m=l('smollm2-135m-instruct', dtype='bfloat16'); m.model.save_pretrained('transfer/model_bf16'); m.tokenizer.save_pretrained('transfer/model_bf16')"
+#   then split -b 60000000 and join under /tmp/model_bf16 on the device, checking the sha256.
 # The image has pytest (2026-11); if a future image lacks it, carry pure-Python wheels in
 # transfer/wheels (pip download --no-deps -d transfer/wheels pytest pluggy iniconfig).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build maze kernels engine)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build maze kernels engine) && [ -n "${MODEL_DIR:-}" ] && STAGES+=(rollout)
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export WELFARE_TOKENIZER_DIR=${TOKENIZER_DIR:-}
 TOK_ARGS=()
@@ -66,7 +72,13 @@ for stage in "${STAGES[@]}"; do
       run bench_generate 170 python bench/bench_generate.py --device cuda --dtype bfloat16 --batches 1,128,8,32,256 \
         --repeats 2 --budget-s 120 --out "$OUT/generate.csv"
       ;;
-    *) echo "unknown stage $stage (build, maze, kernels, engine)"; exit 2 ;;
+    rollout)
+      run pytest_rollout 120 python -m pytest -q -x tests/model/test_sessions.py tests/model/test_streaming.py \
+        tests/train/test_rollout.py -k "not bundled_model"; tail -3 "$OUT/pytest_rollout.log"
+      [ -n "${MODEL_DIR:-}" ] && run bench_rollout 200 python bench/bench_rollout.py --model "$MODEL_DIR" --device cuda \
+        --dtype bfloat16 --envs 256,64 --no-reference --budget-s 150 --out "$OUT/rollout.csv"
+      ;;
+    *) echo "unknown stage $stage (build, maze, kernels, engine, rollout)"; exit 2 ;;
   esac
 done
 for f in "$OUT"/bench_*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 25 "$f"; }; done
