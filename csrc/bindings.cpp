@@ -182,10 +182,11 @@ PYBIND11_MODULE(_maze_core, m) {
 
   // ---- CPU backend ----
   m.def("cpu_reset",
-        [](const PreparedConfig& c, const StateView& s, uintptr_t mask, int num_threads) {
-          ws::cpu_reset(c, s, ptr<const uint8_t>(mask), num_threads);
-        },
-        py::arg("cfg"), py::arg("state"), py::arg("mask_ptr"), py::arg("num_threads") = 0, release());
+        [](const PreparedConfig& c, const StateView& s, uintptr_t mask, int num_threads,
+           bool advance) { ws::cpu_reset(c, s, ptr<const uint8_t>(mask), num_threads, advance); },
+        py::arg("cfg"), py::arg("state"), py::arg("mask_ptr"), py::arg("num_threads") = 0,
+        py::arg("advance") = false, release(),
+        "Reset the masked envs (mask_ptr 0: all) to episode index + 1 if advance, else to it.");
   m.def("cpu_step",
         [](const PreparedConfig& c, const StateView& s, uintptr_t actions, const StepOut& o,
            int num_threads) { ws::cpu_step(c, s, ptr<const int32_t>(actions), o, num_threads); },
@@ -222,10 +223,10 @@ PYBIND11_MODULE(_maze_core, m) {
   m.def("cuda_compiled", &ws::cuda_compiled,
         "True when this build contains the CUDA backend.");
   m.def("cuda_reset",
-        [](const PreparedConfig& c, const StateView& s, uintptr_t mask, uintptr_t stream) {
-          ws::cuda_reset(c, s, ptr<const uint8_t>(mask), stream);
-        },
-        py::arg("cfg"), py::arg("state"), py::arg("mask_ptr"), py::arg("stream") = 0, release());
+        [](const PreparedConfig& c, const StateView& s, uintptr_t mask, uintptr_t stream,
+           bool advance) { ws::cuda_reset(c, s, ptr<const uint8_t>(mask), stream, advance); },
+        py::arg("cfg"), py::arg("state"), py::arg("mask_ptr"), py::arg("stream") = 0,
+        py::arg("advance") = false, release());
   m.def("cuda_step",
         [](const PreparedConfig& c, const StateView& s, uintptr_t actions, const StepOut& o,
            uintptr_t stream) { ws::cuda_step(c, s, ptr<const int32_t>(actions), o, stream); },

@@ -25,14 +25,17 @@ constexpr int64_t MIN_ORACLE = 8;
 }  // namespace
 
 void cpu_reset(const PreparedConfig& prepared, const StateView& s, const uint8_t* mask,
-               int num_threads) {
+               int num_threads, bool advance) {
   const Config& cfg = prepared.get();
   check_state(s);
   const int32_t* order = cached_bfs_order(cfg.size);
   const CpuSampler sampler;
   parallel_for(s.num_envs, num_threads, MIN_RESET, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      if (mask == nullptr || mask[i]) reset_one_env(cfg, s, i, order, sampler);
+      if (mask == nullptr || mask[i]) {
+        if (advance) advance_episode(s, i);
+        reset_one_env(cfg, s, i, order, sampler);
+      }
   });
 }
 

@@ -9,9 +9,10 @@
 
 namespace ws {
 
-// mask: uint8 [B] or nullptr for all envs. Resets each masked env to episode index s.episode[i].
+// mask: uint8 [B] or nullptr for all envs. Resets each masked env to episode index s.episode[i],
+// first advanced by one when `advance` (what MazeBatch.reset() does: one call, no tensor op).
 void cpu_reset(const PreparedConfig& cfg, const StateView& s, const uint8_t* mask,
-               int num_threads);
+               int num_threads, bool advance = false);
 // actions: int32 [B]. Throws std::invalid_argument (first offending env) before any mutation.
 void cpu_step(const PreparedConfig& cfg, const StateView& s, const int32_t* actions,
               const StepOut& out, int num_threads);

@@ -489,6 +489,12 @@ WS_HD void generate_maze(const Config& cfg, uint64_t key, uint8_t* grid, const i
   out_col = S / 2;
 }
 
+// Moves env i to its next episode index (wrapping like the int64 tensor it is: INT64_MAX + 1 as
+// int64 is UB, and episode_key() takes the index modulo 2^64).
+WS_HD void advance_episode(const StateView& s, int64_t i) {
+  s.episode[i] = static_cast<int64_t>(static_cast<uint64_t>(s.episode[i]) + 1);
+}
+
 // Resets env i to episode index state.episode[i] (spec "Episode", reset).
 template <typename Sampler = DefaultSampler>
 WS_HD void reset_one_env(const Config& cfg, const StateView& s, int64_t i,
@@ -594,9 +600,7 @@ WS_HD void step_and_autoreset(const Config& cfg, const StateView& s, int64_t i, 
                               const Sampler& sample = Sampler()) {
   step_one_env(cfg, s, i, action, out);
   if (cfg.autoreset && s.done[i]) {
-    // wraps like the int64 tensor it is (INT64_MAX + 1 as int64 is UB); episode_key() takes the
-    // index modulo 2^64, so the next maze is still Python's episode + 1
-    s.episode[i] = static_cast<int64_t>(static_cast<uint64_t>(s.episode[i]) + 1);
+    advance_episode(s, i);
     reset_one_env(cfg, s, i, bfs_order, sample);
   }
 }

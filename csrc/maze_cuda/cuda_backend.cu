@@ -84,9 +84,11 @@ struct FirstBad {
   }
 };
 
-__global__ void reset_kernel(Config cfg, StateView s, const uint8_t* mask, const int32_t* order) {
+__global__ void reset_kernel(Config cfg, StateView s, const uint8_t* mask, const int32_t* order,
+                             bool advance) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= s.num_envs || (mask != nullptr && !mask[i])) return;
+  if (advance) advance_episode(s, i);
   reset_one_env(cfg, s, i, order);
 }
 
@@ -163,13 +165,13 @@ __global__ void oracle_kernel(Config cfg, StateView s, int64_t begin, int64_t co
 bool cuda_compiled() { return true; }
 
 void cuda_reset(const PreparedConfig& prepared, const StateView& s, const uint8_t* mask,
-                uintptr_t stream) {
+                uintptr_t stream, bool advance) {
   const Config& cfg = prepared.get();
   check_state(s);
   if (s.num_envs == 0) return;
   const int32_t* order = device_bfs_order(cfg.size);
   reset_kernel<<<blocks_for(s.num_envs, THREADS), THREADS, 0, as_stream(stream)>>>(cfg, s, mask,
-                                                                                    order);
+                                                                                    order, advance);
   check(cudaGetLastError(), "reset_kernel");
 }
 

@@ -15,8 +15,9 @@ namespace ws {
 // True when this build contains the CUDA backend (otherwise every cuda_* throws runtime_error).
 bool cuda_compiled();
 
+// advance: as cpu_reset's.
 void cuda_reset(const PreparedConfig& cfg, const StateView& s, const uint8_t* mask,
-                uintptr_t stream);
+                uintptr_t stream, bool advance = false);
 // Runs a validation kernel (first bad env via atomicMin), copies that one value back (a stream
 // sync) and throws std::invalid_argument before the mutation kernel if any env is bad.
 void cuda_step(const PreparedConfig& cfg, const StateView& s, const int32_t* actions,

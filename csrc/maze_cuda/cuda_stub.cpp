@@ -12,7 +12,9 @@ namespace {
 }  // namespace
 
 bool cuda_compiled() { return false; }
-void cuda_reset(const PreparedConfig&, const StateView&, const uint8_t*, uintptr_t) { no_cuda(); }
+void cuda_reset(const PreparedConfig&, const StateView&, const uint8_t*, uintptr_t, bool) {
+  no_cuda();
+}
 void cuda_step(const PreparedConfig&, const StateView&, const int32_t*, const StepOut&, uintptr_t) {
   no_cuda();
 }

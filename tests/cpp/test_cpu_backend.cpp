@@ -562,6 +562,26 @@ TEST(autoreset_wraps_episode_index) {
         episode_key(12, 0, uint64_t(std::numeric_limits<int64_t>::min())));
 }
 
+TEST(reset_advance_moves_the_masked_envs_to_their_next_episode) {
+  const int S = 9;
+  Batch b(3, S), fresh(3, S);
+  const PreparedConfig p(cfg(S, 4));
+  b.episode = {std::numeric_limits<int64_t>::max(), 5, 7};
+  fresh.episode = b.episode;
+  std::vector<uint8_t> mask = {1, 0, 1};
+  cpu_reset(p, b.view(), mask.data(), 2, true);
+  CHECK_EQ(b.episode[0], std::numeric_limits<int64_t>::min());  // wraps like the int64 tensor
+  CHECK_EQ(b.episode[1], 5);
+  CHECK_EQ(b.episode[2], 8);
+  fresh.episode = {std::numeric_limits<int64_t>::min(), 5, 8};
+  cpu_reset(p, fresh.view(), mask.data(), 1);  // the same as advancing first, then resetting
+  for (int64_t i : {0, 2}) {
+    CHECK(std::memcmp(b.env_grid(i), fresh.env_grid(i), size_t(S) * S) == 0);
+    CHECK_EQ(b.origin_episode[size_t(i)], fresh.episode[size_t(i)]);
+  }
+  CHECK_EQ(b.t[1], -7);  // unmasked: untouched
+}
+
 TEST(cuda_stub_or_backend_links) {
   if (!cuda_compiled()) {
     Batch b(1, 6);

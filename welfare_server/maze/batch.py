@@ -167,7 +167,7 @@ class MazeBatch:
         self._call("reset", self._state, 0)
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _call(self, name: str, *args, batch_call: bool = True):
+    def _call(self, name: str, *args, batch_call: bool = True, **keywords):
         """Call the CPU or CUDA entry point of the core: the one place the backend is chosen.
         CUDA calls end with the current stream; CPU batch calls with the thread count (clone, a
         plain copy, takes none)."""
@@ -175,9 +175,9 @@ class MazeBatch:
         if self._cuda:
             stream = torch.cuda.current_stream(self.device).cuda_stream
             with torch.cuda.device(self.device):
-                return getattr(core, "cuda_" + name)(self._cfg, *args, stream)
+                return getattr(core, "cuda_" + name)(self._cfg, *args, stream, **keywords)
         tail = (self.num_threads,) if batch_call else ()
-        return getattr(core, "cpu_" + name)(self._cfg, *args, *tail)
+        return getattr(core, "cpu_" + name)(self._cfg, *args, *tail, **keywords)
 
     def _env_tensor(self, value, name: str, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
         """Check a per-env argument's shape and convert it to a contiguous tensor on our device."""
@@ -201,14 +201,13 @@ class MazeBatch:
 
     # -- episode control ------------------------------------------------------------------------
     def reset(self, mask=None) -> None:
-        """Start the next episode (episode index + 1) of every env, or of those where mask is true."""
+        """Start the next episode (episode index + 1) of every env, or of those where mask is true
+        (the core advances the index: one call, no tensor op)."""
         if mask is None:
-            self.episode += 1
-            self._call("reset", self._state, 0)
+            self._call("reset", self._state, 0, advance=True)
             return
         mask_tensor = self._env_tensor(mask, "mask", torch.uint8)
-        self.episode += mask_tensor.to(torch.int64)
-        self._call("reset", self._state, mask_tensor.data_ptr())
+        self._call("reset", self._state, mask_tensor.data_ptr(), advance=True)
 
     def step(self, actions) -> StepResult:
         """Move every env by its action (0=N, 1=E, 2=S, 3=W; int32 [B] is taken as it is, anything
