@@ -10,8 +10,12 @@ Peer: Jumanji's Maze (JAX, jit + vmap) on the same machine in the same run. Juma
 very slow on CPU (a 1024-env vmapped reset took 320 s here), so its batched states are built from
 one reset state broadcast to B, and its resets/s is measured at B=1.
 
-Each run appends rows to bench/results/maze.csv with date, machine, device, git commit; ratios are
-against Jumanji's steps/s measured in the same run.
+Each run appends rows to bench/results/maze.csv with date, machine (the CPU and its vector
+extensions, or the GPU), device, git commit; ratios are against Jumanji's steps/s measured in the
+same run (when Jumanji is not installed the run says so, on stdout and in a note row), and the B=1
+notes carry the ratio against the pure-Python reference of the same run. CPU rows note the maze
+generator routine in use (avx512, avx2 or portable); the portable routine's reset figures are
+measured in the same run too (a subprocess with WS_NO_SIMD=1), as the SIMD routine's baseline.
 
     python bench/bench_maze.py                 # CPU: B = 1, 1024, 16384
     python bench/bench_maze.py --quick         # smaller, for a smoke run
@@ -21,7 +25,9 @@ against Jumanji's steps/s measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -30,6 +36,7 @@ import torch
 
 from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
 from welfare_server.maze import MazeBatch, MazeConfig, MazeTokenTable
+from welfare_server import _maze_core
 from welfare_server.maze.reference import ReferenceMaze
 
 RESULTS = RESULTS_DIR / "maze.csv"
@@ -127,14 +134,22 @@ def bench_reference(size, seconds):
     return [("steps_per_s_with_text", 1 / per_step, ""), ("resets_per_s", 1 / per_reset, "")]
 
 
-def bench_jumanji(size, num_envs, seconds, measure_reset):
-    """Jumanji Maze (JAX jit + vmap) steps/s; None if jumanji is not installed."""
+def jumanji_missing() -> str | None:
+    """Why Jumanji cannot be measured here (None when it can)."""
     try:
-        import jax
-        from jumanji.environments import Maze
-        from jumanji.environments.routing.maze.generator import RandomGenerator
-    except ImportError:
-        return None
+        import jax  # noqa: F401
+        from jumanji.environments import Maze  # noqa: F401
+    except ImportError as error:
+        return f"Jumanji not installed ({error}); pip install 'welfare_server[bench]' (jax[cpu], jumanji)"
+    return None
+
+
+def bench_jumanji(size, num_envs, seconds, measure_reset):
+    """Jumanji Maze (JAX jit + vmap) steps/s (check jumanji_missing() first)."""
+    import jax
+    from jumanji.environments import Maze
+    from jumanji.environments.routing.maze.generator import RandomGenerator
+
     env = Maze(generator=RandomGenerator(size, size), time_limit=10**9)
     reset_one = jax.jit(env.reset)
     state, _ = reset_one(jax.random.PRNGKey(0))
@@ -159,6 +174,26 @@ def bench_jumanji(size, num_envs, seconds, measure_reset):
 
     rows.append(("steps_per_s", num_envs / timed(one_step, seconds), "no rendering (grid observation)"))
     return rows
+
+
+def bench_resets_only(size, num_envs, seconds, threads):
+    """(resets/s, us per maze per core, cores) of MazeBatch at B=num_envs, on this process's routine."""
+    batch = MazeBatch(MazeConfig(size=size), num_envs, seed=1, num_threads=threads)
+    resets = num_envs / timed(batch.reset, seconds)
+    cores = min(threads or os.cpu_count(), os.cpu_count(), num_envs)
+    return resets, 1e6 * cores / resets, cores
+
+
+def portable_reset_rows(size, num_envs, seconds, threads):
+    """The portable generator's reset figures, from a subprocess with WS_NO_SIMD=1."""
+    command = [sys.executable, __file__, "--reset-only", "--size", str(size), "--batches", str(num_envs),
+               "--seconds", str(seconds), "--threads", str(threads)]
+    done = subprocess.run(command, env={**os.environ, "WS_NO_SIMD": "1"}, capture_output=True, text=True,
+                          check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    note = f"routine {figures['routine']} (WS_NO_SIMD=1 baseline)"
+    return [("resets_per_s", figures["resets_per_s"], note),
+            ("us_per_maze_per_core", figures["us_per_maze_per_core"], f"{figures['cores']} threads; {note}")]
 
 
 def check_gpu_parity(size, num_envs):
@@ -189,7 +224,13 @@ def main() -> int:
     parser.add_argument("--no-jumanji", action="store_true")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: the bundled model's)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--reset-only", action="store_true", help=argparse.SUPPRESS)  # portable_reset_rows
     args = parser.parse_args()
+    if args.reset_only:
+        resets, us, cores = bench_resets_only(args.size, args.batches[0], args.seconds, args.threads)
+        print(json.dumps({"routine": _maze_core.cpu_sampler_name(), "resets_per_s": resets,
+                          "us_per_maze_per_core": us, "cores": cores}))
+        return 0
     batches = args.batches or ([1, 1024] if args.quick else [1, 1024, 16384])
     if args.device == "cuda":
         batches = args.batches or [16384, 65536, 262144]  # 1e9 steps/s needs a big batch
@@ -213,16 +254,38 @@ def main() -> int:
     if args.device == "cuda":
         check_gpu_parity(args.size, 4096)
         results.append(("core-cuda", 4096, "bitwise_parity_with_cpu", 1.0, "grids, positions, keys, rewards"))
+    routine = _maze_core.cpu_sampler_name()
+    print(f"machine: {stamp['machine']}; maze generator routine: {routine}")
+    missing = None if args.no_jumanji or args.device != "cpu" else jumanji_missing()
+    if missing:
+        print(missing)
+        results.append(("jumanji", 0, "not_measured", float("nan"), missing))
     for num_envs in batches:
         for metric, value, note in bench_core(args.device, args.size, num_envs, table_builder, seconds, args.threads):
+            if args.device == "cpu":
+                note = "; ".join(x for x in (note, f"routine {routine}") if x)
             results.append((f"core-{args.device}", num_envs, metric, value, note))
-        if not args.no_jumanji and args.device == "cpu":
-            jumanji_rows = bench_jumanji(args.size, num_envs, seconds, measure_reset=num_envs == batches[0])
-            for metric, value, note in jumanji_rows or []:
+        if args.device == "cpu":
+            for metric, value, note in portable_reset_rows(args.size, num_envs, seconds, args.threads):
+                results.append(("core-cpu", num_envs, metric, value, note))
+        if not args.no_jumanji and not missing and args.device == "cpu":
+            for metric, value, note in bench_jumanji(args.size, num_envs, seconds, measure_reset=num_envs == batches[0]):
                 results.append(("jumanji", num_envs if metric == "steps_per_s" else 1, metric, value, note))
     if args.device == "cpu":
         for metric, value, note in bench_reference(args.size, seconds):
             results.append(("python-reference", 1, metric, value, note))
+        # B=1 against the pure-Python reference of this run (whose loop also renders the text)
+        reference = {m: v for p, n, m, v, _ in results if p == "python-reference"}
+        for k, (provider, num_envs, metric, value, note) in enumerate(results):
+            if provider != "core-cpu" or num_envs != 1:
+                continue
+            if metric.startswith(("steps_per_s", "episode_steps")):
+                ratio = f"{value / reference['steps_per_s_with_text']:.2f}x python-reference steps/s"
+            elif metric == "resets_per_s":
+                ratio = f"{value / reference['resets_per_s']:.0f}x python-reference resets/s"
+            else:
+                continue
+            results[k] = (provider, num_envs, metric, value, f"{note}; {ratio}")
 
     jumanji_steps = {n: v for p, n, m, v, _ in results if p == "jumanji" and m == "steps_per_s"}
     rows = []
