@@ -1,0 +1,101 @@
+"""What the concept-vector pipeline produces and passes around: the identity of the model a vector
+belongs to, one extraction's class means and concept vectors, and the layer-selection figures.
+
+Every stage (extraction, selection, registry, analyses, report, the server) speaks these types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+FINGERPRINT_STRIDE = 997
+"""Every 997th element of every parameter enters the weights fingerprint (model_identity): cheap
+(under a second for a 4B model) and changed by any training step worth the name."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a vector was made from. Vectors are refused by a model whose hidden size or
+    layer count differ, and (unless explicitly allowed) by one whose weights differ."""
+
+    name: str
+    """The name or path the model was loaded as (informative only)."""
+    family: str
+    """config.model_type, e.g. "llama"."""
+    hidden_size: int
+    num_layers: int
+    weights_sha256: str
+    """sha256 over every parameter's name, shape and a strided sample of its values rounded to
+    bf16, so the same checkpoint loaded in fp32 or bf16 has the same fingerprint."""
+
+    def to_json(self) -> dict:
+        return dict(name=self.name, family=self.family, hidden_size=self.hidden_size,
+                    num_layers=self.num_layers, weights_sha256=self.weights_sha256)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelIdentity":
+        return cls(**{k: data[k] for k in ("name", "family", "hidden_size", "num_layers", "weights_sha256")})
+
+
+def model_identity(loaded) -> ModelIdentity:
+    """The identity of a LoadedModel (see ModelIdentity.weights_sha256)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in sorted(loaded.model.named_parameters(), key=lambda kv: kv[0]):
+            sample = param.detach().reshape(-1)[::FINGERPRINT_STRIDE].to("cpu", torch.bfloat16)
+            digest.update(name.encode())
+            digest.update(str(tuple(param.shape)).encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    config = loaded.model.config
+    return ModelIdentity(name=str(loaded.name), family=getattr(config, "model_type", "?"),
+                         hidden_size=int(config.hidden_size), num_layers=int(config.num_hidden_layers),
+                         weights_sha256=digest.hexdigest())
+
+
+@dataclass
+class LayerSelection:
+    """Per-layer separability of held-out projections onto a class's vector (the paper's l*)."""
+
+    auroc: list[float]
+    """Per layer: AUROC of the projection separating the class from the others."""
+    cohens_d: list[float]
+    """Per layer: Cohen's d of the projections (class vs others, pooled standard deviation)."""
+    overlap: list[float]
+    """Per layer: overlap of the two projection histograms (sum of bin-wise minima of the two
+    normalised histograms; 0 = disjoint, 1 = identical)."""
+    best_layer: int
+    """l* = floor(mean(argmax AUROC, argmax |d|, argmin overlap))."""
+
+    def to_json(self) -> dict:
+        return dict(auroc=self.auroc, cohens_d=self.cohens_d, overlap=self.overlap, best_layer=self.best_layer)
+
+
+@dataclass
+class ConceptVectors:
+    """One extraction: per-layer class means at one point and the difference-of-means vectors."""
+
+    model: ModelIdentity
+    classes: tuple[str, ...]
+    """Class names, e.g. ("mold", "gold", "path")."""
+    means: torch.Tensor
+    """fp32 [L, C, D]: mean residual of each class at each layer (entering block l: what a forward
+    pre-hook on block l sees, at the trajectory's last token)."""
+    counts: list[int]
+    """Examples per class that went into the means."""
+    method: str
+    """"maze_classes" (the paper's synthetic trajectories), "contrast" (two sets of chats) or
+    "rollouts" (live episodes labelled by reward)."""
+    point: str = "block_input"
+    selection: dict[str, LayerSelection] = field(default_factory=dict)
+    """Per class: the held-out layer-selection figures."""
+    source: dict = field(default_factory=dict)
+    """How the examples were made (seed, sizes, maze config, ...): enough to make them again."""
+
+    def vector(self, cls: str) -> torch.Tensor:
+        """v_c [L, D] = mean_c - mean of the other classes' means (not normalised)."""
+        i = self.classes.index(cls)
+        others = [j for j in range(len(self.classes)) if j != i]
+        return self.means[:, i] - self.means[:, others].mean(dim=1)
