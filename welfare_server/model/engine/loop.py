@@ -39,19 +39,39 @@ import torch
 
 from welfare_server.model.engine.adapter import ModelAdapter
 from welfare_server.model.engine.config import EngineConfig
-from welfare_server.model.engine.passes import DecodeRow, ForwardPasses, PrefillRow
+from welfare_server.model.engine.passes import CaptureTap, DecodeRow, ForwardPasses, PrefillRow
 from welfare_server.model.engine.requests import (PreparedRequest, Request, RequestContext, RequestOutput,
                                                   RequestRefused, prepare)
 from welfare_server.model.engine.sampling import SamplingRows, choose
 from welfare_server.model.engine.sessions import Session, SessionTable
 from welfare_server.model.engine.stream import EventBuffer, IncrementalText, StreamEvent, StreamOverflow
-from welfare_server.model.fields import InvalidRequest, check_int, check_str
+from welfare_server.model.fields import (InvalidRequest, check_int, check_int_list, check_sequence, check_str,
+                                         check_tensor)
 from welfare_server.model.loading import LoadedModel
 from welfare_server.model.steering import (GENERATED_ROLE, POINTS, ResolvedSteering, VectorBank,
                                            prompt_steer_mask, resolve_spec)
 
 IDLE_WAIT_S = 0.05
 """How long the engine's own thread sleeps when it has no work, between checks for a stop."""
+
+
+@dataclass
+class CaptureResult:
+    """Class statistics of the residual at each prompt's last token (Engine.capture)."""
+
+    layers: list[int]
+    sums: torch.Tensor
+    """fp32 [len(layers), C, D]."""
+    counts: torch.Tensor
+    """int64 [C]: prompts per class."""
+    projections: torch.Tensor | None
+    """fp32 [N, len(layers), P]: each prompt's last-token residual projected onto that layer's
+    proj_vectors (in the order the prompts were given), or None."""
+
+    @property
+    def means(self) -> torch.Tensor:
+        """fp32 [len(layers), C, D] (NaN for a class without examples)."""
+        return (self.sums.double() / self.counts.double()[None, :, None]).float()
 
 
 class RequestHandle:
@@ -453,6 +473,68 @@ class Engine:
         if slot >= 0:
             self._free_slots.append(slot)
             self._free_slots.sort(reverse=True)  # lowest slot first keeps the batch dense
+
+    # ------------------------------------------------------------------ activation capture
+    def capture(self, prompts: Sequence[Sequence[int]], labels: Sequence[int], num_classes: int, *,
+                layers: Sequence[int] | None = None, point: str = "block_input",
+                proj_vectors: torch.Tensor | None = None, on_progress: Callable[[int], None] | None = None
+                ) -> CaptureResult:
+        """Class sums of the residual at each prompt's last token, at `point` of every layer in
+        `layers` (default: all): prompts are prefilled through the engine's own passes in length-
+        sorted groups (no logits, nothing sampled, no activation kept: memory does not grow with
+        the number of prompts). labels[i] in [-1, num_classes) (-1: prefilled, not counted).
+        proj_vectors [len(layers), P, D]: also each prompt's projections onto its layer's vectors.
+        Runs between steps on the loop's thread, in cache slots no request holds."""
+        cfg, L = self.cfg, self.L
+        prompts = check_sequence(prompts, "prompts", RequestRefused, what="prompts", nonempty=True)
+        prompts = [check_int_list(p, f"prompts[{i}]", RequestRefused, lo=0, hi=self.vocab - 1, what="token ids",
+                                  max_len=cfg.max_context_len, limit_name="max_context_len", nonempty=True)
+                   for i, p in enumerate(prompts)]
+        num_classes = check_int(num_classes, "num_classes", RequestRefused, 1)
+        labels = check_int_list(labels, "labels", RequestRefused, lo=-1, hi=num_classes - 1, what="labels")
+        if len(labels) != len(prompts):
+            raise RequestRefused(f"labels: {len(labels)} labels for {len(prompts)} prompts")
+        layers = list(range(L)) if layers is None else check_int_list(
+            layers, "layers", RequestRefused, lo=0, hi=L - 1, what="layer indices", nonempty=True)
+        check_str(point, "point", RequestRefused, choices=list(POINTS))
+        if proj_vectors is not None:
+            check_tensor(proj_vectors, "proj_vectors", RequestRefused, shape=(len(layers), None, self.D),
+                         what=f"[{len(layers)}, P, {self.D}]")
+        return self._on_loop(lambda: self._capture(prompts, labels, num_classes, layers, POINTS[point],
+                                                   proj_vectors, on_progress))
+
+    def _capture(self, prompts, labels, num_classes, layers, point, proj_vectors, on_progress) -> CaptureResult:
+        dev, C = self.device, num_classes
+        tap = CaptureTap(layers=layers, point=point,
+                         sums={l: torch.zeros(C, self.D, dtype=torch.float32, device=dev) for l in layers},
+                         counts={l: torch.zeros(C, dtype=torch.int64, device=dev) for l in layers},
+                         proj_vectors=None if proj_vectors is None else {
+                             l: proj_vectors[j].to(dev, torch.float32) for j, l in enumerate(layers)})
+        P = 0 if proj_vectors is None else proj_vectors.shape[1]
+        projections = None if proj_vectors is None else torch.zeros(len(prompts), len(layers), P)
+        self._make_room_for_slots(1, keep=self._busy_sessions())
+        slots = list(self._free_slots)
+        if not slots:
+            raise RequestRefused("capture: every cache slot is held by running requests or sessions")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        done, position = 0, 0
+        while position < len(order):
+            group = [order[position]]
+            while (position + len(group) < len(order) and len(group) < len(slots)
+                   and len(prompts[order[position + len(group)]]) * (len(group) + 1) <= self.cfg.max_prefill_tokens):
+                group.append(order[position + len(group)])
+            position += len(group)
+            rows = [PrefillRow(slot, 0, prompts[i], torch.zeros(len(prompts[i]), dtype=torch.bool), label=labels[i])
+                    for slot, i in zip(slots, group)]
+            _, readings = self.passes.prefill(rows, tap)
+            if projections is not None:
+                for j, layer in enumerate(layers):
+                    projections[group, j] = readings[("capture", layer)].float().cpu()
+            done += len(group)
+            if on_progress is not None:
+                on_progress(done)
+        return CaptureResult(layers=layers, sums=torch.stack([tap.sums[l] for l in layers]).cpu(),
+                             counts=tap.counts[layers[0]].cpu(), projections=projections)
 
     # ------------------------------------------------------------------ the loop's own thread
     def start(self) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from welfare_server import kernels
 from welfare_server.model.engine.adapter import ModelAdapter
 from welfare_server.model.engine.attention import additive_mask, attends, gqa_attention, slot_rows
 from welfare_server.model.engine.config import EngineConfig
@@ -34,6 +35,24 @@ class PrefillRow:
     steer_mask: torch.Tensor
     """bool [len(ids)]: which of the tokens the slot's terms steer."""
     monitor_points: list[tuple[int, int]] = field(default_factory=list)
+    label: int = -1
+    """The row's class for a CaptureTap (-1: not captured)."""
+
+
+@dataclass
+class CaptureTap:
+    """Class sums of the residual at each row's last new token, at (layer, point) for `layers`:
+    what extraction accumulates through a prefill, with no activation kept (kernels.capture).
+    PrefillRow.label says each row's class (-1: not captured)."""
+
+    layers: list[int]
+    point: int
+    sums: dict[int, torch.Tensor]
+    """layer -> fp32 [C, D], accumulated in place."""
+    counts: dict[int, torch.Tensor]
+    """layer -> int64 [C], accumulated in place."""
+    proj_vectors: dict[int, torch.Tensor] | None = None
+    """layer -> [P, D]: also return every captured row's projections onto these."""
 
 
 @dataclass
@@ -93,11 +112,12 @@ class ForwardPasses:
             taps.add_observer(*key, projection_observer(self.monitor_bank.tensor, into, key))
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, rows: list[PrefillRow]) -> tuple[torch.Tensor, dict]:
+    def prefill(self, rows: list[PrefillRow], capture: CaptureTap | None = None) -> tuple[torch.Tensor, dict]:
         """Write the rows' new tokens to the cache, prefill_chunk_tokens positions per pass (each
         pass attends over everything its rows have cached, earlier turns of a session included).
         Returns the hidden state [N, D] at each row's last new token and the monitor projections
-        there ({(layer, point): [N, M]})."""
+        there ({(layer, point): [N, M]}); with a capture tap, its class sums grow by each row's last
+        token, and the result also holds {("capture", layer): [N, P]} projections."""
         dev = self.device
         N = len(rows)
         lens = [len(r.ids) for r in rows]
@@ -121,7 +141,7 @@ class ForwardPasses:
             live = [i for i in range(N) if lens[i] > c0]
             live_t = torch.tensor(live, device=dev)
             h, mon_out = self._prefill_chunk([rows[i] for i in live], ids[live_t, c0:c1], steer_mask[live_t, c0:c1],
-                                             lens_t[live_t], starts_t[live_t], c0)
+                                             lens_t[live_t], starts_t[live_t], c0, capture)
             ending = [j for j, i in enumerate(live) if lens[i] <= c1]
             if ending:
                 at = torch.tensor([j * (c1 - c0) + lens[live[j]] - 1 - c0 for j in ending], device=dev)
@@ -133,7 +153,7 @@ class ForwardPasses:
                     last_mon[key][dest] = proj[at]
         return last_h, last_mon
 
-    def _prefill_chunk(self, rows, ids, steer_mask, lens, starts, c0):
+    def _prefill_chunk(self, rows, ids, steer_mask, lens, starts, c0, capture=None):
         """One pass over new-token indices [c0, c0 + T) of `rows` (ids, steer_mask [A, T], padded
         past each row's count `lens` [A]; row a's token t sits at cache position starts[a] + t):
         writes their K/V and attends over every position each row has. Returns the hidden states
@@ -180,9 +200,26 @@ class ForwardPasses:
                                                           self.tm[l, p, slots, :w], steer_mask)
         mon_out = {}
         self._monitor_taps(taps, [lp for r in rows for lp in r.monitor_points], mon_out)
+        if capture is not None:
+            self._capture_taps(taps, capture, rows, lens, t_idx, mon_out)
         h = self.adapter.embed(ids.reshape(-1))
         h = self.adapter.forward(h, attend, taps, cs)
         return h, mon_out
+
+    def _capture_taps(self, taps: Taps, capture: CaptureTap, rows, lens, t_idx, into: dict) -> None:
+        """Observers adding each row's last new token (when it lies in this chunk) to its class's
+        sums at every captured layer; other tokens are labelled -1 (skipped)."""
+        last = t_idx[None, :] == (lens[:, None] - 1)  # [A, T]
+        row_label = torch.tensor([r.label for r in rows], device=self.device)
+        labels = torch.where(last, row_label[:, None], torch.full_like(last, -1, dtype=torch.long)).reshape(-1)
+        for layer in capture.layers:
+            def observe(h, layer=layer):
+                vectors = None if capture.proj_vectors is None else capture.proj_vectors[layer]
+                proj = kernels.capture(h, labels, capture.sums[layer], capture.counts[layer],
+                                       proj_vectors=vectors, check_values=False)
+                if proj is not None:
+                    into[("capture", layer)] = proj
+            taps.add_observer(layer, capture.point, observe)
 
     # ------------------------------------------------------------------ decode
     def _decode_taps(self, slots_t, rows_key) -> Taps:
