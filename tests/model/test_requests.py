@@ -350,3 +350,18 @@ def test_fuzz_every_request_is_served_or_refused_with_a_named_error(engine, requ
     # Nothing leaked: only the persistent vector stays in the bank.
     assert not engine.has_work() and engine.bank.num_free == LIMITS["max_bank_vectors"] - 1
     assert engine.monitor_bank.num_free == LIMITS["max_monitor_vectors"]
+
+
+def test_score_token_ids_return_raw_log_probs_at_every_step(get_model):
+    lm = get_model("tiny-llama")
+    eng = Engine(lm, EngineConfig(max_batch_slots=2, max_context_len=32))
+    ids = [17, 18, 19, 2]
+    out = eng.generate([Request(prompt=PROMPT, sampling=SamplingParams(max_new_tokens=3, ignore_eos=True,
+                                                                        score_token_ids=ids, logprobs=True))])[0]
+    assert len(out.scores) == 3 and all(len(row) == 4 for row in out.scores)
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([PROMPT + out.token_ids[:-1]])).logits[0, len(PROMPT) - 1:].float()
+    want = logits.log_softmax(-1)[:, ids]
+    torch.testing.assert_close(torch.tensor(out.scores), want, atol=1e-4, rtol=0)
+    with pytest.raises(RequestRefused, match=r"sampling.score_token_ids: 65 token ids, more than max_score_tokens=64"):
+        eng.submit(samp(score_token_ids=list(range(65))))

@@ -55,6 +55,8 @@ class EngineConfig:
     """Characters of one chat message's content (checked before tokenising it)."""
     max_request_id_chars: int = 256
     """Characters of a request id (or session id) given by the caller."""
+    max_score_tokens: int = 64
+    """Token ids one request may ask log-probabilities of at every step (score_token_ids)."""
     max_stream_events: int = 1024
     """Undelivered token events one streamed request may hold (stream.py); a consumer that falls
     further behind has its request cancelled with finish_reason "error"."""
@@ -102,7 +104,7 @@ class EngineConfig:
         positive("prefill_chunk_tokens", 1)
         positive("max_waiting", 1)
         for name in ("max_stop_sequences", "max_stop_string_chars", "max_messages", "max_message_chars",
-                     "max_request_id_chars", "max_stream_events"):
+                     "max_request_id_chars", "max_stream_events", "max_score_tokens"):
             positive(name, 0 if name == "max_stop_sequences" else 1)
         if self.max_sessions is None:
             self.max_sessions = self.max_batch_slots

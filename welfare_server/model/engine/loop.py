@@ -356,7 +356,8 @@ class Engine:
                 seed = sp.seed if sp.seed is not None else int(
                     torch.randint(0, 2**62, (1,), generator=self._seed_rng))
                 output = RequestOutput(rid, list(p.prompt_ids), logprobs=[] if sp.logprobs else None,
-                                       masked_logprobs=[] if sp.logprobs and p.allowed_ids is not None else None)
+                                       masked_logprobs=[] if sp.logprobs and p.allowed_ids is not None else None,
+                                       scores=[] if p.score_ids is not None else None)
                 seq = _Seq(prepared=p, output=output, seed=seed)
                 if p.request.stream:
                     seq.events = EventBuffer(self.cfg.max_stream_events)
@@ -811,10 +812,13 @@ class Engine:
         lp = choice.logprob.tolist() if choice.logprob is not None else None
         masked_lp = choice.masked_logprob.tolist() if choice.masked_logprob is not None else None
         mon_host = {k: v.cpu() for k, v in mon_out.items()}
+        scores = self._scores(seqs, logits)
         finished = []
         for b, (s, tok) in enumerate(zip(seqs, tokens)):
             out = s.output
             out.token_ids.append(tok)
+            if out.scores is not None:
+                out.scores.append(scores[b])
             if out.logprobs is not None:
                 out.logprobs.append(lp[b])
             if out.masked_logprobs is not None:
@@ -843,13 +847,14 @@ class Engine:
                     s.events.put(StreamEvent(out.request_id, token_id=tok, text=s.text.delta(),
                                              logprob=None if lp is None else lp[b],
                                              masked_logprob=None if masked_lp is None else masked_lp[b],
-                                             monitor=row))
+                                             monitor=row, scores=scores[b] if scores else None))
                 except StreamOverflow:
                     reason = "error"
             if s.events is not None and reason is not None and reason != "error":
                 # The last token's event carries no text: the final event releases the rest.
                 s.events.put(StreamEvent(out.request_id, token_id=tok, logprob=None if lp is None else lp[b],
-                                         masked_logprob=None if masked_lp is None else masked_lp[b], monitor=row))
+                                         masked_logprob=None if masked_lp is None else masked_lp[b], monitor=row,
+                                         scores=scores[b] if scores else None))
             if reason is not None:
                 error = None
                 if reason == "error":
@@ -858,6 +863,20 @@ class Engine:
                 self._finish(s, reason, error)
                 finished.append(s)
         return finished
+
+    @staticmethod
+    def _scores(seqs: list[_Seq], logits: torch.Tensor) -> list[list[float] | None] | None:
+        """Per row, the raw log-probabilities of its score_token_ids (one log_softmax for the rows
+        that ask)."""
+        wanted = [b for b, s in enumerate(seqs) if s.prepared.score_ids is not None]
+        if not wanted:
+            return None
+        log_probs = logits[torch.tensor(wanted, device=logits.device)].log_softmax(-1)
+        scores: list[list[float] | None] = [None] * len(seqs)
+        for j, b in enumerate(wanted):
+            ids = torch.tensor(seqs[b].prepared.score_ids, device=logits.device)
+            scores[b] = log_probs[j, ids].tolist()
+        return scores
 
     @staticmethod
     def _stop_hit(s: _Seq) -> int | None:

@@ -70,6 +70,10 @@ class SamplingParams:
     """None, or a non-empty list of token ids in [0, vocab): every generated token is chosen among
     these (greedy: the most likely of them; sampling: from the distribution restricted to them).
     The maze's valid moves are the allowed ids of a rollout turn."""
+    score_token_ids: Sequence[int] | None = None
+    """None, or a non-empty list (at most EngineConfig.max_score_tokens) of token ids in [0, vocab)
+    whose log-probabilities under the raw distribution are returned at every generated position
+    (RequestOutput.scores): e.g. a judge's distribution over the rating tokens "1".."9"."""
 
 
 @dataclass
@@ -122,6 +126,8 @@ class RequestOutput:
     monitor: torch.Tensor | None = None
     """fp32 [n_tokens, len(layers), M]: row i is the residual of the forward pass that produced
     token i (for token 0 the last prompt position)."""
+    scores: list[list[float]] | None = None
+    """With score_token_ids: per generated token, the log-probability of each of those ids."""
 
 
 @dataclass
@@ -152,6 +158,7 @@ class PreparedRequest:
     new_vectors: int
     monitor_vectors: int
     allowed_ids: list[int] | None
+    score_ids: list[int] | None = None
     session: Any = None
     """The Session this request continues, or None."""
 
@@ -218,8 +225,13 @@ def _check_sampling(sp, n_prompt: int, ctx: RequestContext, in_session: bool):
                                  hi=vocab - 1, what="token ids", max_len=vocab, limit_name="the vocabulary size",
                                  nonempty=True, rule=f"token ids are in [0, {vocab})")
         allowed = sorted(set(allowed))
+    scored = None
+    if sp.score_token_ids is not None:
+        scored = check_int_list(sp.score_token_ids, "sampling.score_token_ids", RequestRefused, lo=0, hi=vocab - 1,
+                                what="token ids", max_len=cfg.max_score_tokens, limit_name="max_score_tokens",
+                                nonempty=True, rule=f"token ids are in [0, {vocab})")
     stop = set(stop_ids) if sp.ignore_eos else set(stop_ids) | set(ctx.eos_ids)
-    return frozenset(stop), allowed
+    return frozenset(stop), allowed, scored
 
 
 def prepare(request: Request, ctx: RequestContext) -> PreparedRequest:
@@ -266,7 +278,7 @@ def prepare(request: Request, ctx: RequestContext) -> PreparedRequest:
         raise _refuse(f"request.prompt: {len(ids)} tokens" + (f" after a session history of {history}" if history
                                                               else "") +
                       f" leave no room to generate under max_context_len={cfg.max_context_len}")
-    stop_ids, allowed = _check_sampling(request.sampling, context, ctx, session is not None)
+    stop_ids, allowed, scored = _check_sampling(request.sampling, context, ctx, session is not None)
     if session is not None:
         grown = context + request.sampling.max_new_tokens
         others = ctx.sessions.cached_tokens() - session.length
@@ -278,5 +290,5 @@ def prepare(request: Request, ctx: RequestContext) -> PreparedRequest:
     monitor_vectors = validate_monitor(request.monitor, ctx.num_layers, ctx.monitor_bank)
     return PreparedRequest(request=request, prompt_ids=list(ids), roles=roles, stop_ids=stop_ids,
                            new_vectors=new_vectors, monitor_vectors=monitor_vectors, allowed_ids=allowed,
-                           session=session)
+                           score_ids=scored, session=session)
 

@@ -35,6 +35,8 @@ class StreamEvent:
     masked_logprob: float | None = None
     monitor: torch.Tensor | None = None
     """fp32 [len(layers), M]: the monitor projections of the pass that produced this token."""
+    scores: list[float] | None = None
+    """Log-probabilities of the request's score_token_ids at this position."""
     final: bool = False
     finish_reason: str | None = None
     """In the final event: "stop", "length", "cancelled" or "error"."""
