@@ -89,6 +89,10 @@ class ConceptVectors:
     """"maze_classes" (the paper's synthetic trajectories), "contrast" (two sets of chats) or
     "rollouts" (live episodes labelled by reward)."""
     point: str = "block_input"
+    permuted_means: torch.Tensor | None = None
+    """fp32 [K, L, C, D]: the class means again under K random permutations of the class labels
+    (class sizes kept), accumulated over the same examples in the same pass: the null distribution
+    every cosine is read against (the construction alone makes v_Mold and v_Gold anticorrelated)."""
     selection: dict[str, LayerSelection] = field(default_factory=dict)
     """Per class: the held-out layer-selection figures."""
     source: dict = field(default_factory=dict)
@@ -96,6 +100,16 @@ class ConceptVectors:
 
     def vector(self, cls: str) -> torch.Tensor:
         """v_c [L, D] = mean_c - mean of the other classes' means (not normalised)."""
-        i = self.classes.index(cls)
-        others = [j for j in range(len(self.classes)) if j != i]
-        return self.means[:, i] - self.means[:, others].mean(dim=1)
+        return difference_of_means(self.means, self.classes.index(cls))
+
+    def permuted_vectors(self, cls: str) -> torch.Tensor | None:
+        """[K, L, D]: v_c under each label permutation (None without permuted_means)."""
+        if self.permuted_means is None:
+            return None
+        return difference_of_means(self.permuted_means, self.classes.index(cls))
+
+
+def difference_of_means(means: torch.Tensor, i: int) -> torch.Tensor:
+    """means [..., C, D] -> [..., D]: class i's mean minus the mean of the other classes' means."""
+    others = [j for j in range(means.shape[-2]) if j != i]
+    return means[..., i, :] - means[..., others, :].mean(dim=-2)
