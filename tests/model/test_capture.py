@@ -51,3 +51,17 @@ def test_capture_leaves_running_requests_alone_and_refuses_bad_input(get_model):
         eng.capture([[5], [6]], [0], 2)
     with pytest.raises(RequestRefused, match=r"layers\[0\]: 4 is out of range"):
         eng.capture([[5]], [0], 1, layers=[4])
+
+
+def test_several_labellings_are_accumulated_in_one_pass(get_model):
+    lm = get_model("tiny-llama")
+    eng = Engine(lm, EngineConfig(max_batch_slots=2, max_context_len=64))
+    prompts = rand_prompts([4, 9, 6, 12, 3], seed=6)
+    true = [0, 1, 0, 1, 1]
+    permuted = [[t, p] for t, p in zip(true, [1, 0, 1, 1, 0])]
+    both = eng.capture(prompts, permuted, 2)
+    assert both.sums.shape == (4, 2, 2, lm.config.hidden_size) and both.counts.tolist() == [[2, 3], [2, 3]]
+    alone = [eng.capture(prompts, [row[j] for row in permuted], 2) for j in range(2)]
+    for j in range(2):
+        torch.testing.assert_close(both.sums[:, j], alone[j].sums)
+        torch.testing.assert_close(both.means[:, j], alone[j].means)

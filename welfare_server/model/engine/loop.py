@@ -61,17 +61,17 @@ class CaptureResult:
 
     layers: list[int]
     sums: torch.Tensor
-    """fp32 [len(layers), C, D]."""
+    """fp32 [len(layers), C, D] (or [len(layers), J, C, D] with J labellings)."""
     counts: torch.Tensor
-    """int64 [C]: prompts per class."""
+    """int64 [C]: prompts per class (or [J, C])."""
     projections: torch.Tensor | None
     """fp32 [N, len(layers), P]: each prompt's last-token residual projected onto that layer's
     proj_vectors (in the order the prompts were given), or None."""
 
     @property
     def means(self) -> torch.Tensor:
-        """fp32 [len(layers), C, D] (NaN for a class without examples)."""
-        return (self.sums.double() / self.counts.double()[None, :, None]).float()
+        """fp32, the shape of sums (NaN for a class without examples)."""
+        return (self.sums.double() / self.counts.double()[None, ..., None]).float()
 
 
 class RequestHandle:
@@ -476,39 +476,51 @@ class Engine:
             self._free_slots.sort(reverse=True)  # lowest slot first keeps the batch dense
 
     # ------------------------------------------------------------------ activation capture
-    def capture(self, prompts: Sequence[Sequence[int]], labels: Sequence[int], num_classes: int, *,
+    def capture(self, prompts: Sequence[Sequence[int]], labels, num_classes: int, *,
                 layers: Sequence[int] | None = None, point: str = "block_input",
                 proj_vectors: torch.Tensor | None = None, on_progress: Callable[[int], None] | None = None
                 ) -> CaptureResult:
         """Class sums of the residual at each prompt's last token, at `point` of every layer in
         `layers` (default: all): prompts are prefilled through the engine's own passes in length-
         sorted groups (no logits, nothing sampled, no activation kept: memory does not grow with
-        the number of prompts). labels[i] in [-1, num_classes) (-1: prefilled, not counted).
-        proj_vectors [len(layers), P, D]: also each prompt's projections onto its layer's vectors.
-        Runs between steps on the loop's thread, in cache slots no request holds."""
+        the number of prompts). labels: [N] classes in [-1, num_classes) (-1: prefilled, not
+        counted), or [N, J]: J labellings accumulated at once (e.g. the true one and J - 1 label
+        permutations). proj_vectors [len(layers), P, D]: also each prompt's projections onto its
+        layer's vectors. Runs between steps on the loop's thread, in cache slots no request holds."""
         cfg, L = self.cfg, self.L
         prompts = check_sequence(prompts, "prompts", RequestRefused, what="prompts", nonempty=True)
         prompts = [check_int_list(p, f"prompts[{i}]", RequestRefused, lo=0, hi=self.vocab - 1, what="token ids",
                                   max_len=cfg.max_context_len, limit_name="max_context_len", nonempty=True)
                    for i, p in enumerate(prompts)]
         num_classes = check_int(num_classes, "num_classes", RequestRefused, 1)
-        labels = check_int_list(labels, "labels", RequestRefused, lo=-1, hi=num_classes - 1, what="labels")
-        if len(labels) != len(prompts):
-            raise RequestRefused(f"labels: {len(labels)} labels for {len(prompts)} prompts")
+        rows = check_sequence(labels, "labels", RequestRefused, what="labels")
+        if len(rows) != len(prompts):
+            raise RequestRefused(f"labels: {len(rows)} labels for {len(prompts)} prompts")
+        single = not isinstance(rows[0], (list, tuple))
+        if single:
+            table = [[c] for c in check_int_list(rows, "labels", RequestRefused, lo=-1, hi=num_classes - 1)]
+        else:
+            table = [check_int_list(r, f"labels[{i}]", RequestRefused, lo=-1, hi=num_classes - 1,
+                                    what="labels", nonempty=True) for i, r in enumerate(rows)]
+        if len({len(r) for r in table}) != 1:
+            raise RequestRefused("labels: every prompt needs the same number of labellings")
         layers = list(range(L)) if layers is None else check_int_list(
             layers, "layers", RequestRefused, lo=0, hi=L - 1, what="layer indices", nonempty=True)
         check_str(point, "point", RequestRefused, choices=list(POINTS))
         if proj_vectors is not None:
             check_tensor(proj_vectors, "proj_vectors", RequestRefused, shape=(len(layers), None, self.D),
                          what=f"[{len(layers)}, P, {self.D}]")
-        return self._on_loop(lambda: self._capture(prompts, labels, num_classes, layers, POINTS[point],
-                                                   proj_vectors, on_progress))
+        result = self._on_loop(lambda: self._capture(prompts, table, num_classes, layers, POINTS[point],
+                                                     proj_vectors, on_progress))
+        if single:
+            result.sums, result.counts = result.sums[:, 0], result.counts[0]
+        return result
 
     def _capture(self, prompts, labels, num_classes, layers, point, proj_vectors, on_progress) -> CaptureResult:
-        dev, C = self.device, num_classes
-        tap = CaptureTap(layers=layers, point=point,
-                         sums={l: torch.zeros(C, self.D, dtype=torch.float32, device=dev) for l in layers},
-                         counts={l: torch.zeros(C, dtype=torch.int64, device=dev) for l in layers},
+        dev, C, J = self.device, num_classes, len(labels[0])
+        tap = CaptureTap(layers=layers, point=point, num_classes=C,
+                         sums={l: torch.zeros(J * C, self.D, dtype=torch.float32, device=dev) for l in layers},
+                         counts={l: torch.zeros(J * C, dtype=torch.int64, device=dev) for l in layers},
                          proj_vectors=None if proj_vectors is None else {
                              l: proj_vectors[j].to(dev, torch.float32) for j, l in enumerate(layers)})
         P = 0 if proj_vectors is None else proj_vectors.shape[1]
@@ -525,8 +537,8 @@ class Engine:
                    and len(prompts[order[position + len(group)]]) * (len(group) + 1) <= self.cfg.max_prefill_tokens):
                 group.append(order[position + len(group)])
             position += len(group)
-            rows = [PrefillRow(slot, 0, prompts[i], torch.zeros(len(prompts[i]), dtype=torch.bool), label=labels[i])
-                    for slot, i in zip(slots, group)]
+            rows = [PrefillRow(slot, 0, prompts[i], torch.zeros(len(prompts[i]), dtype=torch.bool),
+                               labels=tuple(labels[i])) for slot, i in zip(slots, group)]
             _, readings = self.passes.prefill(rows, tap)
             if projections is not None:
                 for j, layer in enumerate(layers):
@@ -534,8 +546,9 @@ class Engine:
             done += len(group)
             if on_progress is not None:
                 on_progress(done)
-        return CaptureResult(layers=layers, sums=torch.stack([tap.sums[l] for l in layers]).cpu(),
-                             counts=tap.counts[layers[0]].cpu(), projections=projections)
+        return CaptureResult(layers=layers,
+                             sums=torch.stack([tap.sums[l].view(J, C, self.D) for l in layers]).cpu(),
+                             counts=tap.counts[layers[0]].view(J, C).cpu(), projections=projections)
 
     # ------------------------------------------------------------------ the loop's own thread
     def start(self) -> None:

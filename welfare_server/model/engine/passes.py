@@ -35,22 +35,25 @@ class PrefillRow:
     steer_mask: torch.Tensor
     """bool [len(ids)]: which of the tokens the slot's terms steer."""
     monitor_points: list[tuple[int, int]] = field(default_factory=list)
-    label: int = -1
-    """The row's class for a CaptureTap (-1: not captured)."""
+    labels: tuple[int, ...] = ()
+    """The row's class in each labelling of a CaptureTap (-1: not counted)."""
 
 
 @dataclass
 class CaptureTap:
     """Class sums of the residual at each row's last new token, at (layer, point) for `layers`:
     what extraction accumulates through a prefill, with no activation kept (kernels.capture).
-    PrefillRow.label says each row's class (-1: not captured)."""
+    A row may carry several labellings (PrefillRow.labels: one class per labelling, -1 = not
+    counted): labelling j's classes are sums rows [j * C, (j + 1) * C), so a permutation null is
+    accumulated over the same examples in the same pass."""
 
     layers: list[int]
     point: int
+    num_classes: int
     sums: dict[int, torch.Tensor]
-    """layer -> fp32 [C, D], accumulated in place."""
+    """layer -> fp32 [J * C, D], accumulated in place."""
     counts: dict[int, torch.Tensor]
-    """layer -> int64 [C], accumulated in place."""
+    """layer -> int64 [J * C], accumulated in place."""
     proj_vectors: dict[int, torch.Tensor] | None = None
     """layer -> [P, D]: also return every captured row's projections onto these."""
 
@@ -207,17 +210,26 @@ class ForwardPasses:
         return h, mon_out
 
     def _capture_taps(self, taps: Taps, capture: CaptureTap, rows, lens, t_idx, into: dict) -> None:
-        """Observers adding each row's last new token (when it lies in this chunk) to its class's
-        sums at every captured layer; other tokens are labelled -1 (skipped)."""
-        last = t_idx[None, :] == (lens[:, None] - 1)  # [A, T]
-        row_label = torch.tensor([r.label for r in rows], device=self.device)
-        labels = torch.where(last, row_label[:, None], torch.full_like(last, -1, dtype=torch.long)).reshape(-1)
+        """Observers adding each row's last new token (when it lies in this chunk) to its classes'
+        sums at every captured layer. The rows are gathered first (indices known on the host: no
+        sync), then repeated once per labelling, so one kernels.capture call does every labelling."""
+        T, c0, C = t_idx.numel(), int(t_idx[0]), capture.num_classes
+        ending = [(a, int(lens[a]) - 1 - c0) for a in range(len(rows)) if c0 <= int(lens[a]) - 1 < c0 + T]
+        if not ending:
+            return
+        index = torch.tensor([a * T + t for a, t in ending], device=self.device)
+        J = len(rows[0].labels)
+        labels = torch.tensor([[lab + j * C if lab >= 0 else -1 for j, lab in enumerate(rows[a].labels)]
+                               for a, _ in ending], device=self.device).t().reshape(-1)  # labelling-major
+        # prefill() reads readings at each row's last token: projections go to those flat rows.
         for layer in capture.layers:
             def observe(h, layer=layer):
-                vectors = None if capture.proj_vectors is None else capture.proj_vectors[layer]
-                proj = kernels.capture(h, labels, capture.sums[layer], capture.counts[layer],
-                                       proj_vectors=vectors, check_values=False)
-                if proj is not None:
+                x = h.index_select(0, index)
+                kernels.capture(x.repeat(J, 1), labels, capture.sums[layer], capture.counts[layer],
+                                check_values=False)
+                if capture.proj_vectors is not None:
+                    proj = torch.zeros(h.shape[0], capture.proj_vectors[layer].shape[0], device=h.device)
+                    proj[index] = x.float() @ capture.proj_vectors[layer].t()
                     into[("capture", layer)] = proj
             taps.add_observer(layer, capture.point, observe)
 
