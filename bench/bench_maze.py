@@ -224,6 +224,7 @@ def main() -> int:
     parser.add_argument("--no-jumanji", action="store_true")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: the bundled model's)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--note", default="", help="appended to every row's note (e.g. other load on the machine)")
     parser.add_argument("--reset-only", action="store_true", help=argparse.SUPPRESS)  # portable_reset_rows
     args = parser.parse_args()
     if args.reset_only:
@@ -296,7 +297,7 @@ def main() -> int:
             ratio = f"{value / jumanji_steps[num_envs]:.1f}"
         rows.append({**stamp, "device": device_name, "provider": provider, "size": args.size,
                      "num_envs": num_envs, "metric": metric, "value": f"{value:.6g}",
-                     "ratio_vs_jumanji": ratio, "note": note})
+                     "ratio_vs_jumanji": ratio, "note": "; ".join(x for x in (note, args.note) if x)})
         print(f"{provider:18} {num_envs:>6} {metric:34} {value:>14.4g} {ratio:>10}")
     append_rows(args.out, FIELDS, rows)
     return 0
