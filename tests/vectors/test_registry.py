@@ -236,6 +236,21 @@ def test_corruption_is_refused_with_a_named_error(registry, tiny_identity, what)
     assert sorted(p.name for p in registry.root.iterdir()) == [rid]
 
 
+def test_a_record_deleted_while_read_is_not_found_not_corrupt(registry, tiny_identity, monkeypatch):
+    rid, _ = put_rand(registry, tiny_identity, seed=22)
+    keep, header = put_rand(registry, tiny_identity, seed=23)[0], registry._header
+
+    def delete_first(r):
+        if r == rid:
+            registry.delete(rid)  # another process deletes it between listing and reading
+        return header(r)
+    monkeypatch.setattr(registry, "_header", delete_first)
+    assert [m.id for m in registry.list()] == [keep]
+    rid, _ = put_rand(registry, tiny_identity, seed=22)
+    with pytest.raises(RecordNotFound):
+        registry.get(rid)
+
+
 def test_delete_removes_a_corrupt_record(registry, tiny_identity):
     rid, _ = put_rand(registry, tiny_identity, seed=21)
     (registry.root / rid / META_FILE).unlink()
@@ -348,6 +363,7 @@ def test_load_into_engine_steers_as_the_inline_tensor(registry, tiny, tiny_ident
     assert [t.layers for t in terms] == [[1], [L - 1]] and all(isinstance(t.vector, int) for t in terms)
     inline = [SteeringTerm(tensor[l].clone(), [l], 2.5, SteerMode.ADD_RENORM) for l in (1, L - 1)]
     assert _greedy(eng, PROMPT, SteeringSpec(terms, Scope.ALL)) == _greedy(eng, PROMPT, SteeringSpec(inline, Scope.ALL))
+    assert len(steering_terms(registry, eng, rid, [1, 1 - L])) == 1  # one layer named twice
     one = steering_term(registry, eng, rid, 2, 3.0)
     assert one.vector == idx and one.layers == [2] and one.point == "block_input"
     # The residual entering block l+1 is block l's output: a block_input record serves both.

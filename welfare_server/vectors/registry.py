@@ -27,6 +27,7 @@ IncompatibleVector; each names the record and the field or file that broke the r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -450,8 +451,9 @@ class VectorRegistry:
         """Load and verify a record (id or unique prefix). Raises RecordNotFound, or CorruptRecord
         naming the file and the check that failed."""
         rid = self.resolve(record_id)
-        meta, header = self._read_meta(rid)
-        tensor = self._read_tensor(rid)
+        with self._vanished_is_not_found(rid):
+            meta, header = self._read_meta(rid)
+            tensor = self._read_tensor(rid)
         if tuple(tensor.shape) != (len(meta.layers), meta.hidden_size):
             raise CorruptRecord(f"record {rid}: {TENSOR_FILE} holds shape {tuple(tensor.shape)}, meta.json says "
                                 f"[{len(meta.layers)}, {meta.hidden_size}]", TENSOR_FILE, rid)
@@ -469,7 +471,20 @@ class VectorRegistry:
     def meta(self, record_id: str) -> VectorMeta:
         """A record's metadata, checked against the hash in its tensor file's header (the tensor
         itself is not read)."""
-        return self._read_meta(self.resolve(record_id))[0]
+        rid = self.resolve(record_id)
+        with self._vanished_is_not_found(rid):
+            return self._read_meta(rid)[0]
+
+    @contextlib.contextmanager
+    def _vanished_is_not_found(self, rid: str):
+        """A record deleted by another process while we read it is gone, not corrupt: delete
+        renames the whole directory away at once, so a missing directory means a deletion."""
+        try:
+            yield
+        except CorruptRecord:
+            if not (self.root / rid).is_dir():
+                raise RecordNotFound(f"record_id: record {rid} was deleted meanwhile", "record_id", rid) from None
+            raise
 
     def _header(self, rid: str) -> dict:
         from safetensors import safe_open
@@ -543,13 +558,14 @@ class VectorRegistry:
         out = []
         for rid in self.ids():
             try:
-                meta = self._read_meta(rid)[0]
+                with self._vanished_is_not_found(rid):
+                    meta = self._read_meta(rid)[0]
+            except RecordNotFound:  # deleted while we listed
+                continue
             except CorruptRecord:
                 if skip_corrupt:
                     continue
                 raise
-            except FileNotFoundError:  # deleted while we listed
-                continue
             if ((model_sha256 is None or meta.model.weights_sha256 == model_sha256)
                     and (name is None or meta.name == name) and (method is None or meta.method == method)
                     and (concept is None or meta.concept == concept)):
@@ -714,8 +730,11 @@ def steering_terms(registry: VectorRegistry, engine, record_id: str, layers: Seq
     L = engine.L
     layers = check_int_list(layers, "layers", RegistryError, lo=-L, hi=L - 1, what="layer indices", nonempty=True,
                             rule=f"layer indices are in [-{L}, {L})")
-    terms = []
-    for i, layer in enumerate(dict.fromkeys(l % L for l in layers)):
+    terms, seen = [], set()
+    for i, layer in enumerate(l % L for l in layers):
+        if layer in seen:  # a layer named twice (3 and -L+3 too) is one term there, as in the engine
+            continue
+        seen.add(layer)
         idx = _load_row(engine, record, _row_index(record, layer, point, f"layers[{i}]"))
         terms.append(SteeringTerm(vector=idx, layers=[layer], coefficient=coefficient,
                                   mode=SteerMode.ADD if mode is None else mode, point=point))
