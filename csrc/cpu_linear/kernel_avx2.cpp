@@ -115,8 +115,8 @@ WS_AVX2 inline void block(const Job& j, int64_t m0, int64_t o) {
   }
 }
 
-// All rows of x against RB rows of W from o: x taken MBs... at a time, in order (the W rows stay
-// in L1 between them).
+// All rows of x against RB rows of W from o: MBs rows of x at a time, in turn (the W rows stay in
+// L1 between them).
 template <bool kBF16, int RB, int MB, int... Rest>
 WS_AVX2 inline void x_rows(const Job& j, int64_t m0, int64_t o) {
   block<kBF16, MB, RB>(j, m0, o);
@@ -149,21 +149,45 @@ WS_AVX2 void rows_many(const Job& j, int64_t o0, int64_t o1) {
   for (; o < o1; ++o) one(o, std::integral_constant<int, 1>{});
 }
 
-// The block plan per M: (RB W rows) x (rows of x per block, in turn). Chosen by measurement on the
-// Zen 2 VM (see welfare_server/model/cpu_linear.py); every plan keeps <= 12 accumulators so they,
-// the pinned W vectors and one x vector fit the 16 ymm registers.
+// The block plan per M: RB rows of W per block, rows of x taken MBs at a time against them. Measured
+// in cache on one core of the Zen 2 VM (GFLOP/s, 48 x 576 weight; single-FMA-pipe-bound plans
+// ~40, the best ~60-77): every plan keeps <= 12 accumulators, so they, the pinned W vectors and
+// one x vector fit the 16 ymm registers (RB 4 with 3 rows of x spills: 37 vs 63).
+//   fp32  M=1 RB4 38 | M=2 RB4 62 | M=3 RB3 63 | M=4 RB3 77 (RB2 60) | M=5 RB3 3+2 58 |
+//         M=6 RB3 3+3 65 | M=7 RB3 4+3 70 | M=8 RB3 4+4 75 (RB2 59, 8 rows at once 56)
+//   bf16  M=1 RB4 37 | M=2 RB4 60 | M=3 RB3 65 (RB2 50) | M=4 RB2 59 (RB3 38: spills) |
+//         M=5 RB3 3+2 59 | M=6 RB3 3+3 66 | M=7 RB3 3+2+2 56 | M=8 RB2 4+4 60
+// bf16 tops out lower than fp32 because each block widens its W again for every group of x rows.
 template <bool kBF16>
 WS_AVX2 void rows(const Job& j, int64_t o0, int64_t o1) {
   switch (j.M) {
     case 1: rows_plan<kBF16, 4, 1>(j, o0, o1); break;
     case 2: rows_plan<kBF16, 4, 2>(j, o0, o1); break;
-    case 3: rows_plan<kBF16, 4, 3>(j, o0, o1); break;
-    case 4: rows_plan<kBF16, 3, 4>(j, o0, o1); break;
-    case 5: rows_plan<kBF16, 4, 3, 2>(j, o0, o1); break;
-    case 6: rows_plan<kBF16, 4, 3, 3>(j, o0, o1); break;
-    case 7: rows_plan<kBF16, 3, 4, 3>(j, o0, o1); break;
-    case 8: rows_plan<kBF16, 3, 4, 4>(j, o0, o1); break;
-    default: rows_many<kBF16, 3>(j, o0, o1); break;
+    case 3: rows_plan<kBF16, 3, 3>(j, o0, o1); break;
+    case 4:
+      if constexpr (kBF16) {
+        rows_plan<kBF16, 2, 4>(j, o0, o1);
+      } else {
+        rows_plan<kBF16, 3, 4>(j, o0, o1);
+      }
+      break;
+    case 5: rows_plan<kBF16, 3, 3, 2>(j, o0, o1); break;
+    case 6: rows_plan<kBF16, 3, 3, 3>(j, o0, o1); break;
+    case 7:
+      if constexpr (kBF16) {
+        rows_plan<kBF16, 3, 3, 2, 2>(j, o0, o1);
+      } else {
+        rows_plan<kBF16, 3, 4, 3>(j, o0, o1);
+      }
+      break;
+    case 8:
+      if constexpr (kBF16) {
+        rows_plan<kBF16, 2, 4, 4>(j, o0, o1);
+      } else {
+        rows_plan<kBF16, 3, 4, 4>(j, o0, o1);
+      }
+      break;
+    default: rows_many<kBF16, kBF16 ? 2 : 3>(j, o0, o1); break;
   }
 }
 

@@ -297,8 +297,9 @@ void linear(const Args& a, int threads, Isa isa) {
   threads = std::min({threads, max_threads(), kMaxWorkers + 1});
   const int64_t row_bytes = std::max<int64_t>(a.I * element_size(a.w_dtype), 1);
   const int64_t w_bytes = row_bytes * a.O;
-  // Chunks of whole 8-row groups (every kernel's row block divides 8), about kChunkBytes of W each.
-  int64_t chunk_rows = std::max<int64_t>(8, (kChunkBytes / row_bytes + 7) / 8 * 8);
+  // Chunks of whole 12-row groups (every plan's row block, 2, 3 or 4, divides 12), about
+  // kChunkBytes of W each.
+  int64_t chunk_rows = std::max<int64_t>(12, (kChunkBytes / row_bytes + 11) / 12 * 12);
   chunk_rows = std::max(chunk_rows, (a.O + kMaxChunks - 1) / kMaxChunks);
   if (threads > 1 && w_bytes >= min_parallel_bytes() && a.O > chunk_rows) {
     if (pool().run(k.rows, job, a.O, chunk_rows, threads - 1)) return;
