@@ -200,8 +200,8 @@ def describe_identity(identity: ModelIdentity) -> str:
 
 # --------------------------------------------------------------------------------------- hashing
 def _canonical(obj: Any) -> bytes:
-    """One byte string per JSON value: sorted keys, no spaces, NaN refused (it has no JSON form
-    and would make two different records hash alike through a lossy fallback)."""
+    """One byte string per JSON value: sorted keys, no spaces. NaN and inf are refused: JSON has
+    no form for them (Python's "NaN" extension breaks other readers of meta.json)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
 
