@@ -16,11 +16,11 @@ Inside: adapter.py (per-family model adapter), attention.py, sampling.py (on ten
 
 from welfare_server.model.engine.config import EngineConfig
 from welfare_server.model.engine.loop import CaptureResult, Engine, RequestHandle
-from welfare_server.model.engine.requests import Request, RequestOutput, RequestRefused, SamplingParams
+from welfare_server.model.engine.requests import QueueFull, Request, RequestOutput, RequestRefused, SamplingParams
 from welfare_server.model.engine.sampling import gumbel_noise
 from welfare_server.model.engine.taps import Taps
 from welfare_server.model.steering import MonitorSpec, Scope, SteeringError, SteeringSpec, SteeringTerm
 
 __all__ = ["Engine", "EngineConfig", "CaptureResult", "Request", "SamplingParams", "RequestOutput", "RequestHandle",
-           "RequestRefused", "MonitorSpec", "SteeringSpec", "SteeringTerm", "Scope", "SteeringError", "Taps",
+           "RequestRefused", "QueueFull", "MonitorSpec", "SteeringSpec", "SteeringTerm", "Scope", "SteeringError", "Taps",
            "gumbel_noise"]

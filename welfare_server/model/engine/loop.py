@@ -40,8 +40,8 @@ import torch
 from welfare_server.model.engine.adapter import ModelAdapter
 from welfare_server.model.engine.config import EngineConfig
 from welfare_server.model.engine.passes import CaptureTap, DecodeRow, ForwardPasses, PrefillRow
-from welfare_server.model.engine.requests import (PreparedRequest, Request, RequestContext, RequestOutput,
-                                                  RequestRefused, prepare)
+from welfare_server.model.engine.requests import (PreparedRequest, QueueFull, Request, RequestContext,
+                                                  RequestOutput, RequestRefused, prepare)
 from welfare_server.model.engine.sampling import SamplingRows, choose
 from welfare_server.model.engine.sessions import Session, SessionTable
 from welfare_server.model.engine.stream import EventBuffer, IncrementalText, StreamEvent, StreamOverflow
@@ -340,7 +340,8 @@ class Engine:
     def _enqueue(self, prepared: list[PreparedRequest]) -> list[RequestHandle]:
         with self._lock:
             if len(self._waiting) + len(prepared) > self.cfg.max_waiting:
-                raise RequestRefused(f"queue full: max_waiting={self.cfg.max_waiting} requests already waiting")
+                raise QueueFull(f"queue full: max_waiting={self.cfg.max_waiting} requests already waiting",
+                                field="max_waiting")
             for p in prepared:  # re-checked under the lock: another thread may have taken them
                 if p.request.request_id is not None and p.request.request_id in self._live_ids:
                     raise RequestRefused(f"request.request_id: {p.request.request_id!r} is already used by a "
@@ -510,13 +511,14 @@ class Engine:
         if proj_vectors is not None:
             check_tensor(proj_vectors, "proj_vectors", RequestRefused, shape=(len(layers), None, self.D),
                          what=f"[{len(layers)}, P, {self.D}]")
-        result = self._on_loop(lambda: self._capture(prompts, table, num_classes, layers, POINTS[point],
-                                                     proj_vectors, on_progress))
+        result = self._capture(prompts, table, num_classes, layers, POINTS[point], proj_vectors, on_progress)
         if single:
             result.sums, result.counts = result.sums[:, 0], result.counts[0]
         return result
 
     def _capture(self, prompts, labels, num_classes, layers, point, proj_vectors, on_progress) -> CaptureResult:
+        """One loop command per group of prompts, so a long capture interleaves with serving: the
+        requests running meanwhile get a step between any two groups."""
         dev, C, J = self.device, num_classes, len(labels[0])
         tap = CaptureTap(layers=layers, point=point, num_classes=C,
                          sums={l: torch.zeros(J * C, self.D, dtype=torch.float32, device=dev) for l in layers},
@@ -525,30 +527,36 @@ class Engine:
                              l: proj_vectors[j].to(dev, torch.float32) for j, l in enumerate(layers)})
         P = 0 if proj_vectors is None else proj_vectors.shape[1]
         projections = None if proj_vectors is None else torch.zeros(len(prompts), len(layers), P)
-        self._make_room_for_slots(1, keep=self._busy_sessions())
-        slots = list(self._free_slots)
-        if not slots:
-            raise RequestRefused("capture: every cache slot is held by running requests or sessions")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        done, position = 0, 0
-        while position < len(order):
-            group = [order[position]]
-            while (position + len(group) < len(order) and len(group) < len(slots)
-                   and len(prompts[order[position + len(group)]]) * (len(group) + 1) <= self.cfg.max_prefill_tokens):
-                group.append(order[position + len(group)])
-            position += len(group)
-            rows = [PrefillRow(slot, 0, prompts[i], torch.zeros(len(prompts[i]), dtype=torch.bool),
-                               labels=tuple(labels[i])) for slot, i in zip(slots, group)]
-            _, readings = self.passes.prefill(rows, tap)
-            if projections is not None:
-                for j, layer in enumerate(layers):
-                    projections[group, j] = readings[("capture", layer)].float().cpu()
-            done += len(group)
+        done = 0
+        while done < len(order):
+            group = self._on_loop(lambda: self._capture_group(prompts, labels, order, done, tap, projections))
+            done += group
             if on_progress is not None:
                 on_progress(done)
         return CaptureResult(layers=layers,
                              sums=torch.stack([tap.sums[l].view(J, C, self.D) for l in layers]).cpu(),
                              counts=tap.counts[layers[0]].view(J, C).cpu(), projections=projections)
+
+    def _capture_group(self, prompts, labels, order, position, tap: CaptureTap, projections) -> int:
+        """Prefill the next length-sorted group of prompts in free slots (as many as fit the slots
+        and max_prefill_tokens) with the capture tap; returns how many it took."""
+        self._make_room_for_slots(1, keep=self._busy_sessions())
+        slots = list(self._free_slots)
+        if not slots:
+            raise RequestRefused("capture: every cache slot is held by running requests or sessions")
+        group = [order[position]]
+        while (position + len(group) < len(order) and len(group) < len(slots)
+               and len(prompts[order[position + len(group)]]) * (len(group) + 1) <= self.cfg.max_prefill_tokens):
+            group.append(order[position + len(group)])
+        rows = [PrefillRow(slot, 0, prompts[i], torch.zeros(len(prompts[i]), dtype=torch.bool),
+                           labels=tuple(labels[i])) for slot, i in zip(slots, group)]
+        with torch.inference_mode():
+            _, readings = self.passes.prefill(rows, tap)
+        if projections is not None:
+            for j, layer in enumerate(tap.layers):
+                projections[group, j] = readings[("capture", layer)].float().cpu()
+        return len(group)
 
     # ------------------------------------------------------------------ the loop's own thread
     def start(self) -> None:

@@ -37,6 +37,11 @@ class RequestRefused(InvalidRequest):
     the message names the field, the value and the rule or limit."""
 
 
+class QueueFull(RequestRefused):
+    """The request is valid but the waiting queue is at max_waiting: try again later (the server
+    answers RESOURCE_EXHAUSTED, not INVALID_ARGUMENT)."""
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling. Accepted values (anything else is refused at submit, never coerced):"""
