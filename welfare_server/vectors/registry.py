@@ -668,6 +668,19 @@ def _row_index(record: VectorRecord, layer: int, point: str, field_name: str) ->
     return meta.layers.index(source_layer)
 
 
+def layer_rows(record: VectorRecord, layers: Sequence[int], point: str, field_name: str = "layers"
+               ) -> list[tuple[int, torch.Tensor]]:
+    """(layer, row [D]) that steers each of `layers` (already in [0, L)) at `point`, a layer named
+    twice once: for callers that pass the rows inline (a request's own bank slots, released when
+    it ends) instead of loading them into the bank for good."""
+    rows, seen = [], set()
+    for i, layer in enumerate(layers):
+        if layer not in seen:
+            seen.add(layer)
+            rows.append((layer, record.tensor[_row_index(record, layer, point, f"{field_name}[{i}]")]))
+    return rows
+
+
 def _engine_identity(engine, identity: ModelIdentity | None) -> ModelIdentity:
     if identity is None:
         # Computed afresh: a trainer may have stepped the engine's weights since the last call.
@@ -772,5 +785,5 @@ def unload_from_engine(engine, record: VectorRecord | VectorMeta | None = None) 
 
 __all__ = ["VectorRegistry", "VectorRecord", "VectorMeta", "RegistryError", "RecordNotFound", "CorruptRecord",
            "IncompatibleVector", "check_compatible", "load_into_engine", "steering_terms", "steering_term",
-           "unload_from_engine", "content_sha256", "default_root", "describe_identity", "FORMAT_VERSION",
+           "unload_from_engine", "layer_rows", "content_sha256", "default_root", "describe_identity", "FORMAT_VERSION",
            "ID_HEX_CHARS"]
