@@ -1,7 +1,6 @@
-"""welfare-server command line: fetch the bundled model, play maze rollouts with it.
-
-(The gRPC server will be the main command once it exists; until then the main job is a rollout.)
-"""
+"""welfare-server command line: serve the gRPC server (the main job), talk to a running one,
+play maze rollouts, fetch the bundled model. Every config option is built from the config
+dataclasses (their field docstrings are the help)."""
 
 from __future__ import annotations
 
@@ -89,6 +88,71 @@ def _progress(total: int, unit: str):
         yield bar.update
 
 
+def _serve(args) -> int:
+    import asyncio
+    import logging
+
+    from welfare_server.model.engine import EngineConfig
+    from welfare_server.model.loading import RuntimeConfig, load_model
+    from welfare_server.server.app import WelfareServer, serve_until_signalled
+    from welfare_server.server.config import ServerConfig
+
+    # Bad options fail before anything is loaded.
+    server_config = config_cli.build(ServerConfig, args)
+    engine_config = config_cli.build(EngineConfig, args)
+    runtime = config_cli.build(RuntimeConfig, args)
+    runtime.resolve()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    loaded = load_model(args.model, runtime)
+    server = WelfareServer(loaded, engine_config, server_config)
+    on_started = None
+    if args.demo:
+        from welfare_server.server.demo import run_demo
+
+        on_started = run_demo
+    asyncio.run(serve_until_signalled(server, on_started))
+    return 0
+
+
+def _client_generate(args) -> int:
+    from welfare_server.server.client import WelfareClient
+
+    steering = []
+    with WelfareClient(args.address, token=args.token) as client:
+        if args.vector_id:
+            steering = [client.term(args.vector_id, args.layers, args.coefficient, args.mode)]
+        source = dict(text=args.text) if args.raw else dict(chat=[{"role": "user", "content": args.text}])
+        for event in client.generate(steering=steering, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, **source):
+            if event.DESCRIPTOR.name == "TokenDelta":
+                print(event.text, end="", flush=True)
+            else:
+                print(event.text)
+                print(f"[{event.completion_tokens} tokens, {gen_finish_name(event.finish_reason)}]", file=sys.stderr)
+    return 0
+
+
+def gen_finish_name(value: int) -> str:
+    from welfare_server.server.proto import generation_pb2
+
+    return generation_pb2.FinishReason.Name(value).replace("FINISH_REASON_", "").lower()
+
+
+def _client_info(args) -> int:
+    from google.protobuf import json_format
+
+    from welfare_server.server.client import WelfareClient
+
+    with WelfareClient(args.address, token=args.token) as client:
+        print(json_format.MessageToJson(client.info(), preserving_proto_field_name=True))
+    return 0
+
+
+def _add_client_options(parser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051", help="the server's host:port")
+    parser.add_argument("--token", default=None, help="bearer token (default: $WELFARE_SERVER_TOKEN)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from welfare_server.maze import MazeConfig
     from welfare_server.model.loading import BUNDLED_NAME, RuntimeConfig
@@ -114,6 +178,38 @@ def main(argv: list[str] | None = None) -> int:
     config_cli.add_options(play.add_argument_group("device and precision (RuntimeConfig)"), RuntimeConfig,
                            only=("device", "dtype"))
     play.set_defaults(run=_rollout)
+
+    from welfare_server.model.engine import EngineConfig
+    from welfare_server.server.config import ServerConfig
+
+    serve = commands.add_parser("serve", help="serve steered generation, vectors and maze rollouts over gRPC",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--model", default=BUNDLED_NAME,
+                       help="the bundled model's name, a tiny preset, or a local Hugging Face directory")
+    serve.add_argument("--demo", action="store_true", help="once the welfare vectors are ready, ask the server "
+                       "\"How's it going?\" unsteered and steered along v_Gold / v_Mold, print the table, keep serving")
+    config_cli.add_options(serve.add_argument_group("server (ServerConfig)"), ServerConfig)
+    config_cli.add_options(serve.add_argument_group("engine (EngineConfig)"), EngineConfig, prefix="engine-",
+                           exclude=("graph_batch_buckets",))
+    config_cli.add_options(serve.add_argument_group("device and precision (RuntimeConfig)"), RuntimeConfig,
+                           only=("device", "dtype"))
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="ask a running server for a (steered) completion, streamed",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_client_options(generate)
+    generate.add_argument("text", help="the user message (or raw text with --raw)")
+    generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--vector-id", help="steer along this registry record")
+    generate.add_argument("--layers", type=int, nargs="+", default=[15], help="layers to steer at")
+    generate.add_argument("--coefficient", type=float, default=4.0)
+    generate.add_argument("--mode", default="add", choices=["add", "add_renorm", "ablate", "clamp"])
+    generate.set_defaults(run=_client_generate)
+    info = commands.add_parser("info", help="what a running server serves: model, layers, limits")
+    _add_client_options(info)
+    info.set_defaults(run=_client_info)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

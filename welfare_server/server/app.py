@@ -129,7 +129,7 @@ class WelfareServer:
             self._metrics_server = start_http_server(c.metrics_port, addr=c.host, registry=self.state.metrics.registry)
         if c.extract_on_start:
             self._start_extraction()
-        log.info("serving %s on %s (port %d)", self.state.identity.name, address, self.port)
+        log.info("serving %s on %s:%d", self.state.identity.name, c.host, self.port)
         return self.port
 
     def _start_extraction(self) -> None:
