@@ -8,8 +8,8 @@
 #   usage: scripts/fuzz.sh [seconds] [build-dir] [-- extra libFuzzer flags]
 #          (defaults: 120, build/fuzz)
 #   env:   JOBS (build parallelism, default 2), FUZZ_WORKERS (libFuzzer -fork=N worker processes,
-#          default 1 = no fork), CXX (default clang++), WS_NO_SIMD=1 (fuzz the portable sampler
-#          instead of the AVX-512 one, which is otherwise checked against it)
+#          default 1 = no fork), CXX (default clang++), WS_NO_SIMD=1 (fuzz the portable routines
+#          instead of the AVX-512 or AVX2 ones, which are otherwise checked against them)
 #   needs: clang and its libFuzzer runtime (Debian: apt-get install -y clang libclang-rt-14-dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."

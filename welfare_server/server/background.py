@@ -26,6 +26,22 @@ def welfare_vector_ids(state) -> dict[str, str] | None:
     return found if set(found) == {"mold", "gold"} else None
 
 
+def _fitting_table(engine) -> MazeTokenTable:
+    """The paper's maze, with episodes shortened (longest first dropped) until a whole trajectory
+    fits the engine's max_context_len."""
+    from welfare_server.train.rollout import episode_context_tokens
+
+    config = MazeConfig()
+    table = MazeTokenTable.from_tokenizer(engine.tokenizer, config)
+    while episode_context_tokens(table) > engine.cfg.max_context_len and config.episode_steps > 1:
+        config = config.replace(episode_steps=config.episode_steps - 1)
+        table = MazeTokenTable.from_tokenizer(engine.tokenizer, config)
+    if config.episode_steps < MazeConfig().episode_steps:
+        log.warning("max_context_len=%d holds trajectories of at most %d moves (the paper's: %d)",
+                    engine.cfg.max_context_len, config.episode_steps, MazeConfig().episode_steps)
+    return table
+
+
 def ensure_welfare_vectors(state) -> dict[str, str] | None:
     """Extract and store the welfare vectors unless the registry has them; records progress in
     state.background["extraction"]. Returns the ids (None when the model cannot play the maze)."""
@@ -40,7 +56,7 @@ def ensure_welfare_vectors(state) -> dict[str, str] | None:
         return None
     started = time.perf_counter()
     try:
-        table = MazeTokenTable.from_tokenizer(engine.tokenizer, MazeConfig())
+        table = _fitting_table(engine)
         config = ExtractionConfig(per_class=state.config.extract_per_class)
 
         def progress(stage, done, total):
