@@ -117,3 +117,18 @@ def test_contrast_vectors_from_chats(tiny):
     torch.testing.assert_close(cv.vector("positive"), cv.means[:, 0] - cv.means[:, 1])
     with pytest.raises(ValueError, match="3 labels for 2 examples"):
         extract(engine, model_identity(lm), [[1], [2]], [0, 1, 0], ("a", "b"), "contrast")
+
+
+def test_an_extraction_saves_and_loads_whole(tiny, table, tmp_path):
+    engine = Engine(tiny, EngineConfig(max_batch_slots=4, max_context_len=1024))
+    cv = maze_vectors(engine, model_identity(tiny), table, ExtractionConfig(per_class=3, permutations=2, num_envs=16))
+    again = type(cv).load(cv.save(tmp_path / "x.safetensors"))
+    assert torch.equal(again.means, cv.means) and torch.equal(again.permuted_means, cv.permuted_means)
+    assert (again.classes, again.counts, again.method, again.model, again.source) == \
+        (cv.classes, cv.counts, cv.method, cv.model, cv.source)
+    assert {k: v.best_layer for k, v in again.selection.items()} == {k: v.best_layer for k, v in cv.selection.items()}
+    with pytest.raises(ValueError, match="not a saved extraction"):
+        from safetensors.torch import save_file
+
+        save_file({"means": cv.means}, str(tmp_path / "plain.safetensors"))
+        type(cv).load(tmp_path / "plain.safetensors")

@@ -7,7 +7,10 @@ Every stage (extraction, selection, registry, analyses, report, the server) spea
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -107,6 +110,41 @@ class ConceptVectors:
         if self.permuted_means is None:
             return None
         return difference_of_means(self.permuted_means, self.classes.index(cls))
+
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file: the means (and permuted means) as tensors, everything else as JSON
+        in its header; written to a temporary name and renamed, so a reader never sees half a file."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"means": self.means.contiguous()}
+        if self.permuted_means is not None:
+            tensors["permuted_means"] = self.permuted_means.contiguous()
+        header = dict(model=self.model.to_json(), classes=list(self.classes), counts=list(self.counts),
+                      method=self.method, point=self.point, source=self.source,
+                      selection={k: v.to_json() for k, v in self.selection.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"concept_vectors": json.dumps(header)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ConceptVectors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "concept_vectors" not in meta:
+                raise ValueError(f"{path}: not a saved extraction (no concept_vectors header)")
+            header = json.loads(meta["concept_vectors"])
+            means = f.get_tensor("means")
+            permuted = f.get_tensor("permuted_means") if "permuted_means" in f.keys() else None
+        return cls(model=ModelIdentity.from_json(header["model"]), classes=tuple(header["classes"]), means=means,
+                   counts=list(header["counts"]), method=header["method"], point=header["point"],
+                   permuted_means=permuted, source=header["source"],
+                   selection={k: LayerSelection(**v) for k, v in header["selection"].items()})
 
 
 def difference_of_means(means: torch.Tensor, i: int) -> torch.Tensor:
