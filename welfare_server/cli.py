@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="what a running server serves: model, layers, limits")
     _add_client_options(info)
     info.set_defaults(run=_client_info)
+
+    from welfare_server.vectors.commands import add_commands as add_vector_commands
+
+    add_vector_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
