@@ -15,7 +15,8 @@ rules, num_envs and seed) and answers its first observations; each step moves ev
 action and answers the step's rewards, tiles and done flags with the observations that follow.
 An episode that ends starts the env's next episode (a new maze) within the same step (same-step
 autoreset, docs/maze_spec.md): `done` marks the step that ended one, and the observations are
-already the new episode's, so a trainer steps on without resetting.
+already the new episode's, so a trainer steps on without resetting. An open Session counts against
+max_concurrent_requests for as long as it lasts: it holds its batch's memory while idle.
 """
 
 from __future__ import annotations
