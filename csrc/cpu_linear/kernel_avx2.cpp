@@ -149,20 +149,111 @@ WS_AVX2 void rows_many(const Job& j, int64_t o0, int64_t o1) {
   for (; o < o1; ++o) one(o, std::integral_constant<int, 1>{});
 }
 
-// The block plan per M: RB rows of W per block, rows of x taken MBs at a time against them. Measured
-// in cache on one core of the Zen 2 VM (GFLOP/s, 48 x 576 weight; single-FMA-pipe-bound plans
-// ~40, the best ~60-77): every plan keeps <= 12 accumulators, so they, the pinned W vectors and
-// one x vector fit the 16 ymm registers (RB 4 with 3 rows of x spills: 37 vs 63).
-//   fp32  M=1 RB4 38 | M=2 RB4 62 | M=3 RB3 63 | M=4 RB3 77 (RB2 60) | M=5 RB3 3+2 58 |
-//         M=6 RB3 3+3 65 | M=7 RB3 4+3 70 | M=8 RB3 4+4 75 (RB2 59, 8 rows at once 56)
-//   bf16  M=1 RB4 37 | M=2 RB4 60 | M=3 RB3 65 (RB2 50) | M=4 RB2 59 (RB3 38: spills) |
-//         M=5 RB3 3+2 59 | M=6 RB3 3+3 66 | M=7 RB3 3+2+2 56 | M=8 RB2 4+4 60
+// One W row at a time with U independent accumulators per row of x, for M = 1 and 2 where the
+// call is bound by memory, not arithmetic: W is then read as one sequential stream per thread,
+// which the hardware prefetchers follow better than the RB short row streams of a block (rows
+// are 1-2 KB in bf16). Measured on one core of the Zen 2 VM over the model's shapes, streamed:
+// bf16 M=1 8.4 -> 9.5-11.5 GB/s, M=2 8.5 -> 9.5-11 GB/s; fp32 unchanged at the core's ~12.5 GB/s
+// (software prefetch one block ahead instead: +10% bf16, nothing for fp32).
+template <int MB, int U>
+WS_AVX2 void row_seq_f32(const Job& j, int64_t o) {
+  const float* w = static_cast<const float*>(j.w) + o * j.I;
+  const float* x = j.xs;
+  const int64_t I = j.I, ldxs = j.ldxs;
+  __m256 acc[MB][U];
+  for (int m = 0; m < MB; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 * U <= I; i += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m256 wv = _mm256_loadu_ps(w + i + 8 * u);
+      if (MB > 1) WS_PIN(wv);
+      for (int m = 0; m < MB; ++m)
+        acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldxs + i + 8 * u), acc[m][u]);
+    }
+  }
+  for (; i + 8 <= I; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i);
+    for (int m = 0; m < MB; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldxs + i), acc[m][0]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m256 a = acc[m][0];
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[m][u]);
+    float s = hsum(a);
+    for (int64_t t = i; t < I; ++t) s += w[t] * x[m * ldxs + t];
+    store_out(j, m, o, s);
+  }
+}
+
+template <int MB, int U>
+WS_AVX2 void row_seq_bf16(const Job& j, int64_t o) {
+  const uint16_t* w = static_cast<const uint16_t*>(j.w) + o * j.I;
+  const float* x = j.xs;
+  const int64_t I = j.I, ldxs = j.ldxs;
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 acc[MB][2 * U];
+  for (int m = 0; m < MB; ++m)
+    for (int u = 0; u < 2 * U; ++u) acc[m][u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 * U <= I; i += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i + 16 * u));
+      const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+      const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+      for (int m = 0; m < MB; ++m) {
+        acc[m][2 * u] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * ldxs + i + 16 * u), acc[m][2 * u]);
+        acc[m][2 * u + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldxs + i + 16 * u + 8), acc[m][2 * u + 1]);
+      }
+    }
+  }
+  for (; i + 16 <= I; i += 16) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+    const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+    for (int m = 0; m < MB; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * ldxs + i), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldxs + i + 8), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m256 a = acc[m][0];
+    for (int u = 1; u < 2 * U; ++u) a = _mm256_add_ps(a, acc[m][u]);
+    float s = hsum(a);
+    for (int64_t t = i; t < I; ++t) s += bf16_to_float(w[t]) * x[m * ldxs + t];
+    store_out(j, m, o, s);
+  }
+}
+
+// All M (= MB) rows of x against each W row of [o0, o1) in turn.
+template <bool kBF16, int MB, int U>
+WS_AVX2 void rows_seq(const Job& j, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    if constexpr (kBF16) {
+      row_seq_bf16<MB, U>(j, o);
+    } else {
+      row_seq_f32<MB, U>(j, o);
+    }
+  }
+}
+
+// The plan per M: rows_seq for M = 1, 2 (above: bound by memory); beyond, RB rows of W per
+// block, rows of x taken MBs at a time against them, chosen by arithmetic rate measured in cache
+// on one core of the Zen 2 VM (GFLOP/s, 48 x 576 weight). Every plan keeps <= 12 accumulators so
+// they, the pinned W vectors and one x vector fit the 16 ymm registers (RB 4 with 3 rows of x
+// spills: 37 vs 63).
+//   fp32  M=3 RB3 63 | M=4 RB3 77 (RB2 60) | M=5 RB3 3+2 58 | M=6 RB3 3+3 65 | M=7 RB3 4+3 70 |
+//         M=8 RB3 4+4 75 (RB2 59, 8 rows at once 56)
+//   bf16  M=3 RB3 65 (RB2 50) | M=4 RB2 59 (RB3 38: spills) | M=5 RB3 3+2 59 | M=6 RB3 3+3 66 |
+//         M=7 RB3 3+2+2 56 | M=8 RB2 4+4 60
 // bf16 tops out lower than fp32 because each block widens its W again for every group of x rows.
+// 12-13 GB/s of fp32 W per core (what one core streams here) needs 6 GFLOP/s per row of x, so
+// fp32 stays bound by memory to M = 8 on two cores; bf16 (half the bytes per weight) from M ~ 4
+// on is bound by arithmetic.
 template <bool kBF16>
 WS_AVX2 void rows(const Job& j, int64_t o0, int64_t o1) {
   switch (j.M) {
-    case 1: rows_plan<kBF16, 4, 1>(j, o0, o1); break;
-    case 2: rows_plan<kBF16, 4, 2>(j, o0, o1); break;
+    case 1: rows_seq<kBF16, 1, 4>(j, o0, o1); break;  // 4 (fp32) or 8 (bf16) accumulators
+    case 2: rows_seq<kBF16, 2, kBF16 ? 2 : 4>(j, o0, o1); break;  // 8 accumulators
     case 3: rows_plan<kBF16, 3, 3>(j, o0, o1); break;
     case 4:
       if constexpr (kBF16) {

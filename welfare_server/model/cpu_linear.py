@@ -1,11 +1,24 @@
 """The engine's linear layers: ONE place decides how y = x @ W.T + b runs on each device.
 
-On CPU (fp32 / bf16, oneDNN available) the weight is reordered ONCE, at engine construction, into
-oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and every call runs
-`torch.ops.mkldnn._linear_pointwise` on it. Elsewhere (CUDA, fp16 on CPU, no oneDNN) it is plain
-F.linear on the Hugging Face weight, unchanged.
+On CPU, per call, by the rows M of x (x.numel() // in_features) and the dtypes:
 
-Why (measured on the 2-core AMD EPYC dev box, AVX-512 + avx512_bf16, torch 2.13 CPU, 2 threads,
+    path                                     when
+    small-M kernel (welfare_server._cpu_linear)
+                                             M <= KERNEL_MAX_ROWS[(W dtype, x dtype)] where oneDNN
+                                             packs W's dtype; any M where it cannot (bf16 on
+                                             AVX2-only CPUs: KERNEL_MAX_ROWS_NO_PACKING)
+    oneDNN on the prepacked weight           more rows, W packed (fp32; bf16 where the CPU packs it)
+    F.linear on the HF weight                everything else (CUDA, fp16, prepack off, no kernel)
+
+The small-M kernel (csrc/cpu_linear, C++) reads the HF weight in place, row-major as PyTorch
+stores it, W fp32 with x fp32 or W bf16 with x bf16/fp32 (fp32 accumulation, bf16 rounded to
+nearest even as torch does), AVX2+FMA chosen at run time or a portable loop, rows of W split
+between the calling thread and a small persistent pool (KERNEL_THREADS; workers spin ~50 us for
+the next call, then sleep). At decode (M = 1..8) a step streams every weight once; this is what
+it is built for: reading W at the memory's speed, with no per-call fixed cost to speak of.
+
+The oneDNN packing, earlier (measured on a 2-core AMD EPYC dev box with AVX-512 + avx512_bf16,
+torch 2.13 CPU, 2 threads,
 all linears of the SmolLM2-135M shape run back to back (30 layers x qkv/o/gate_up/down + the
 49152x576 lm_head, weights streamed from memory as in a real decode step), ms per pass, best of 4):
 
@@ -32,11 +45,14 @@ keeps its own parameters: HF generate, the hook reference and training still use
 SmolLM2-135M shape that is +537 MB in fp32 (+268 MB in bf16): 106M layer weights + the 28M tied
 lm_head (measured RSS growth of an Engine: fp32 +839 MB with packing vs +89 MB without, the rest
 being allocator retention of packing temporaries; bf16 +266 MB vs +1 MB).
-EngineConfig.cpu_prepack=False turns it off (F.linear on the HF weights, no copy).
-The packed copy is a snapshot: after changing the model's weights, call Engine.refresh_weights().
+EngineConfig.cpu_prepack=False turns it off (F.linear on the HF weights, no copy; the kernel still
+takes the calls of few rows). The packed copy is a snapshot: after changing the model's weights,
+call Engine.refresh_weights(). The kernel reads the live weight (in-place changes show at once);
+repack() re-binds it too, and a call re-binds by itself if the tensor's storage was replaced.
 
-Numerics: oneDNN accumulates in a different order from MKL (fp32 differences ~1e-7 relative);
-greedy tokens still equal HF generate in the tests.
+Numerics: oneDNN and the kernel accumulate in orders other than MKL's (fp32 differences ~1e-7
+relative, within a few ulps of the sum of |terms|); greedy tokens still equal HF generate in the
+tests (tests/model/test_equality.py, the bundled model in fp32).
 """
 
 from __future__ import annotations
@@ -46,13 +62,42 @@ import functools
 import torch
 import torch.nn.functional as F
 
+try:  # the C++ small-M kernel (csrc/cpu_linear); absent in a build without it: oneDNN / F.linear only
+    from welfare_server import _cpu_linear as _kernel
+except ImportError:  # pragma: no cover - depends on the build
+    _kernel = None
+
 PACKED_MIN_ROWS = 1
-"""Calls with fewer rows than this use F.linear on the original weight (MKL); see the table."""
+"""Calls with fewer rows than this use F.linear on the original weight (MKL) rather than the
+oneDNN-packed copy (when the small-M kernel does not take them first); see the table."""
 
 PACK_BATCH_HINT = 8
 """Batch size oneDNN's weight layout is chosen for (one layout serves every batch size)."""
 
+USE_KERNEL = True
+"""Default of make_linear(kernel=None): run calls of few rows through the C++ small-M kernel
+(welfare_server._cpu_linear) where it is built and the weight suits it. False restores the
+oneDNN / F.linear paths for every call (the engine's linears are made once, at Engine
+construction: set this before)."""
+
+KERNEL_MAX_ROWS = {
+    (torch.float32, torch.float32): 8,
+    (torch.bfloat16, torch.bfloat16): 8,
+    (torch.bfloat16, torch.float32): 8,
+}
+"""(weight dtype, activation dtype) -> the most rows (M = x.numel() // in_features) a call may have
+to run on the small-M kernel; more rows go to oneDNN / F.linear. See the table above."""
+
+KERNEL_MAX_ROWS_NO_PACKING = 1 << 30
+"""The row limit where oneDNN cannot pack the weight's dtype (bf16 on AVX2-only CPUs): there the
+alternative is torch's bf16 F.linear, which the kernel beats at every M measured (table above)."""
+
+KERNEL_THREADS = 0
+"""Threads a kernel call uses, the caller included: 0 follows torch.get_num_threads() (read per
+call, so torch.set_num_threads applies at once)."""
+
 _PACK_DTYPES = (torch.float32, torch.bfloat16)
+_KERNEL_CODES = {torch.float32: 0, torch.bfloat16: 1}  # _cpu_linear.FLOAT32 / BFLOAT16
 
 
 def _onednn_ok() -> bool:
@@ -75,6 +120,17 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
+def kernel_available() -> bool:
+    """Whether the C++ small-M kernel is built into this install."""
+    return _kernel is not None
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the small-M kernel runs on this CPU ("avx2" or "portable"), None if
+    it is not built."""
+    return _kernel.best_isa() if _kernel is not None else None
+
+
 def cpu_has_native_bf16() -> bool:
     """The CPU computes bf16 dot products natively (AVX512_BF16 or AMX): only there do bf16 linears
     beat fp32 (RuntimeConfig's dtype="auto" reads this). Elsewhere bf16 is widened to fp32 in
@@ -85,40 +141,128 @@ def cpu_has_native_bf16() -> bool:
 
 
 class Linear:
-    """y = x @ weight.T + bias over the last dim of x, by the path make_linear chose."""
+    """y = x @ weight.T + bias over the last dim of x, by the path make_linear chose: the small-M
+    kernel for calls of few rows (when bound), else the oneDNN-packed copy (when packed), else
+    F.linear."""
 
-    __slots__ = ("bias", "out_features", "packed", "weight")
+    __slots__ = ("bias", "out_features", "packed", "weight", "_kernel_on", "_kw", "_kw_ptrs", "_kmax", "_in")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None,
+                 kernel: bool = False):
         self.weight = weight  # the HF (or fused) tensor itself: a reference, not a copy
         self.bias = bias
         self.packed = packed
         self.out_features = weight.shape[0]
+        self._in = weight.shape[1] if weight.dim() == 2 else -1
+        self._kernel_on = kernel
+        self._kw = None  # the kernel's binding of (weight, bias), None: the kernel is not used
+        self._kw_ptrs = None  # (weight, bias) addresses it was bound at
+        self._kmax = {}  # activation dtype -> (dtype code, most rows)
+        self._bind_kernel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        kw = self._kw
+        if kw is not None:
+            lim = self._kmax.get(x.dtype)
+            if lim is not None and x.is_cpu:
+                y = self._run_kernel(kw, x, lim)
+                if y is not None:
+                    return y
         p = self.packed
         if p is not None and (PACKED_MIN_ROWS <= 1 or x.numel() >= PACKED_MIN_ROWS * x.shape[-1]):
             return torch.ops.mkldnn._linear_pointwise(x, p, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def _run_kernel(self, kw, x: torch.Tensor, lim: tuple[int, int]) -> torch.Tensor | None:
+        """The kernel's y, or None where this call is not for it (too many rows, a shape F.linear
+        should refuse, autograd recording, storage no longer suitable)."""
+        shape = x.shape
+        n_in = self._in
+        if len(shape) == 2:  # the engine's calls: [rows, in_features]
+            rows = shape[0]
+            if shape[1] != n_in or not 0 < rows <= lim[1]:
+                return None
+            stride = x.stride()
+            if stride[1] != 1:
+                x = x.contiguous()
+                stride = (n_in, 1)
+            ldx = stride[0]
+        else:
+            if not shape or shape[-1] != n_in:
+                return None
+            rows = x.numel() // n_in
+            if not 0 < rows <= lim[1]:
+                return None
+            if not x.is_contiguous():
+                x = x.contiguous()
+            ldx = n_in
+        w, b = self.weight, self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return None  # the kernel has no backward: let autograd record F.linear
+        if (w.data_ptr(), 0 if b is None else b.data_ptr()) != self._kw_ptrs:
+            # The tensors' storage was replaced (param.data = ...): re-check and re-bind.
+            self._bind_kernel()
+            if self._kw is None:
+                return None
+            kw = self._kw
+        y = torch.empty(shape[:-1] + (self.out_features,), dtype=x.dtype)
+        kw.run(x.data_ptr(), ldx, lim[0], y.data_ptr(), rows, KERNEL_THREADS or torch.get_num_threads())
+        return y
+
+    def _bind_kernel(self) -> None:
+        """Binds the kernel to the weight's (and bias's) current storage if they suit it: CPU,
+        contiguous, fp32 or bf16 (bias of either), 2-D with both sizes > 0."""
+        self._kw = None
+        self._kw_ptrs = None
+        self._kmax = {}
+        w, b = self.weight, self.bias
+        if not (self._kernel_on and _kernel is not None and w.device.type == "cpu" and w.dim() == 2
+                and w.dtype in _KERNEL_CODES and w.is_contiguous() and w.shape[0] > 0 and w.shape[1] > 0):
+            return
+        if b is not None and not (b.device.type == "cpu" and b.dtype in _KERNEL_CODES and b.is_contiguous()
+                                  and tuple(b.shape) == (w.shape[0],)):
+            return
+        no_packing = not packing_supported(w.dtype)
+        for (wd, xd), limit in KERNEL_MAX_ROWS.items():
+            if wd == w.dtype:
+                self._kmax[xd] = (_KERNEL_CODES[xd], KERNEL_MAX_ROWS_NO_PACKING if no_packing else limit)
+        self._kw = _kernel.Weight(w.data_ptr(), _KERNEL_CODES[w.dtype], w.shape[0], w.shape[1],
+                                  0 if b is None else b.data_ptr(), _KERNEL_CODES[b.dtype] if b is not None else 0)
+        self._kw_ptrs = (w.data_ptr(), 0 if b is None else b.data_ptr())
+
     def repack(self) -> None:
-        """Re-read the weight into the packed copy (after the model's weights changed)."""
+        """Re-read the weight into the packed copy (after the model's weights changed). The kernel
+        reads the weight in place, so it needs no refresh for in-place changes; it is re-bound here
+        anyway in case the tensors' storage was replaced."""
         if self.packed is not None:
             self.packed = _pack(self.weight)
+        self._bind_kernel()
 
     @property
     def is_packed(self) -> bool:
         return self.packed is not None
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether calls of few rows run on the small-M kernel."""
+        return self._kw is not None
+
+    def kernel_max_rows(self, x_dtype: torch.dtype) -> int:
+        """The most rows a call with activations of this dtype runs on the kernel (0: never)."""
+        lim = self._kmax.get(x_dtype) if self._kw is not None else None
+        return 0 if lim is None else lim[1]
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, prepack: bool = True) -> Linear:
-    """The engine's linear for this weight: oneDNN-packed on CPU (fp32/bf16, where this CPU packs
-    the dtype: packing_supported) when prepack, else F.linear. Packing is checked against a probe
-    row; any failure falls back."""
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, prepack: bool = True,
+                kernel: bool | None = None) -> Linear:
+    """The engine's linear for this weight. On CPU: calls of few rows run on the small-M kernel
+    (kernel=None: USE_KERNEL; where built and the weight is fp32/bf16, contiguous); the rest run
+    oneDNN-packed (fp32/bf16, where this CPU packs the dtype: packing_supported) when prepack, else
+    F.linear. Packing is checked against a probe row; any failure falls back."""
     packed = None
     if (prepack and weight.device.type == "cpu" and weight.dim() == 2 and packing_supported(weight.dtype)
             and (bias is None or bias.dtype == weight.dtype)):
@@ -131,4 +275,4 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, prepa
                     packed = None
         except RuntimeError:
             packed = None
-    return Linear(weight, bias, packed)
+    return Linear(weight, bias, packed, kernel=USE_KERNEL if kernel is None else bool(kernel))
