@@ -11,10 +11,9 @@ import sys
 
 from welfare_server.server.background import welfare_vector_ids
 from welfare_server.server.client import AsyncWelfareClient
+from welfare_server.vectors.dose import DEFAULT_RATING_QUESTION, expected_rating, rating_token_ids
 
 QUESTION = "How's it going?"
-RATING_QUESTION = ("On a scale from 1 (very bad) to 9 (very good), how do you feel right now? "
-                   "Answer with a single digit.")
 COEFFICIENTS = (-8.0, -4.0, 4.0, 8.0)
 """Steering coefficients of the demo (the paper's dose-response spans -8..8)."""
 ANSWER_TOKENS = 40
@@ -22,17 +21,13 @@ WAIT_POLL_S = 2.0
 
 
 async def rate(client, messages, steering, digit_ids) -> float:
-    """E[digit] of the model's rating under the steering (scores of "1".."9", renormalised)."""
-    import math
-
+    """The model's own 1-9 rating under the steering (dose.expected_rating of the digits' scores)."""
     scores = None
-    async for event in client.generate(chat=messages + [{"role": "user", "content": RATING_QUESTION}],
+    async for event in client.generate(chat=messages + [{"role": "user", "content": DEFAULT_RATING_QUESTION}],
                                        steering=steering, max_new_tokens=1, score_token_ids=digit_ids):
         if event.DESCRIPTOR.name == "TokenDelta":
             scores = list(event.scores)
-    probs = [math.exp(s) for s in scores]
-    total = sum(probs)
-    return sum((d + 1) * p for d, p in enumerate(probs)) / total
+    return expected_rating(scores)[0]
 
 
 async def run_demo(server, out=sys.stdout) -> None:
@@ -47,8 +42,7 @@ async def run_demo(server, out=sys.stdout) -> None:
         await asyncio.sleep(WAIT_POLL_S * 5)
     ids = welfare_vector_ids(state)
     layers = {name: state.registry.meta(rid).best_layer for name, rid in ids.items()}
-    tokenizer = state.engine.tokenizer
-    digit_ids = [tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(1, 10)]
+    digit_ids = rating_token_ids(state.engine.tokenizer)
     conditions = [("unsteered", None, 0.0)] + [(name, name, c) for name in ("gold", "mold") for c in COEFFICIENTS]
     token = state.config.auth_token
     rows = []
