@@ -203,7 +203,9 @@ def test_linear_matches_f_linear(dtype, rows, bias, kernel):
         want_max = cpu_linear.KERNEL_MAX_ROWS[(dtype, dtype)] if lin.is_packed else cpu_linear.KERNEL_MAX_ROWS_NO_PACKING
         assert lin.kernel_max_rows(dtype) == want_max
     y = torch.full((rows, 577), float("nan"), dtype=dtype)
-    y.copy_(lin(x))
+    got = lin(x)
+    assert got.is_contiguous() and got.shape == (rows, 577)
+    y.copy_(got)
     if on_kernel:
         _check(y, x, w, b)
     elif lin.is_packed:

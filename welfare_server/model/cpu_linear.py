@@ -145,7 +145,7 @@ class Linear:
     kernel for calls of few rows (when bound), else the oneDNN-packed copy (when packed), else
     F.linear."""
 
-    __slots__ = ("bias", "out_features", "packed", "weight", "_kernel_on", "_kw", "_kw_ptrs", "_kmax", "_in")
+    __slots__ = ("bias", "out_features", "packed", "weight", "_kernel_on", "_kw", "_kw_ptrs", "_kmax", "_in", "_ylike")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None,
                  kernel: bool = False):
@@ -158,6 +158,10 @@ class Linear:
         self._kw = None  # the kernel's binding of (weight, bias), None: the kernel is not used
         self._kw_ptrs = None  # (weight, bias) addresses it was bound at
         self._kmax = {}  # activation dtype -> (dtype code, most rows)
+        # (rows, dtype) -> a one-element tensor expanded to [rows, out_features]: torch.empty_like
+        # of it allocates the output in ~2.4 us against ~3.7 us for torch.empty(shape, dtype=)
+        # (per call, 121 calls a step; measured on the Zen 2 VM under load).
+        self._ylike = {}
         self._bind_kernel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +191,11 @@ class Linear:
                 x = x.contiguous()
                 stride = (n_in, 1)
             ldx = stride[0]
+            like = self._ylike.get((rows, x.dtype))
+            if like is None:
+                like = torch.empty(1, dtype=x.dtype).expand(rows, self.out_features)
+                if len(self._ylike) < 64:
+                    self._ylike[(rows, x.dtype)] = like
         else:
             if not shape or shape[-1] != n_in:
                 return None
@@ -196,6 +205,7 @@ class Linear:
             if not x.is_contiguous():
                 x = x.contiguous()
             ldx = n_in
+            like = None
         w, b = self.weight, self.bias
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return None  # the kernel has no backward: let autograd record F.linear
@@ -205,7 +215,10 @@ class Linear:
             if self._kw is None:
                 return None
             kw = self._kw
-        y = torch.empty(shape[:-1] + (self.out_features,), dtype=x.dtype)
+        if like is not None:
+            y = torch.empty_like(like)
+        else:
+            y = torch.empty(shape[:-1] + (self.out_features,), dtype=x.dtype)
         kw.run(x.data_ptr(), ldx, lim[0], y.data_ptr(), rows, KERNEL_THREADS or torch.get_num_threads())
         return y
 
