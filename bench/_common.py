@@ -84,3 +84,28 @@ def append_rows(path: str | Path, fields: list[str], rows: list[dict]) -> None:
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (timing a CUDA call without it times the launch only)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_roof(device, dtype, seconds: float = 2.0) -> float:
+    """GFLOP/s of a large square matmul in `dtype` on `device`: what the device's GEMMs reach, the
+    roof of a compute-bound pass (prefill, extraction, a rollout turn) measured in the same run."""
+    import time
+
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    sync(device)
+    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9

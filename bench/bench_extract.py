@@ -21,8 +21,7 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
-from bench_rollout import gemm_roof, sync
+from _common import RESULTS_DIR, append_rows, gemm_roof, git_commit, machine_name, sync, utc_now  # bench/ is sys.path[0]
 from welfare_server.maze import MazeConfig, MazeTokenTable
 from welfare_server.model.engine import Engine, EngineConfig
 from welfare_server.model.loading import load_model

@@ -26,17 +26,13 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
+from _common import RESULTS_DIR, append_rows, git_commit, machine_name, sync, utc_now  # bench/ is sys.path[0]; _common adds the repo root
 from welfare_server.kernels import SteerMode
 from welfare_server.model.engine import Engine, EngineConfig, Request, SamplingParams
 from welfare_server.model.hf_reference import hf_generate_steered
 from welfare_server.model.loading import load_model
 from welfare_server.model.steering import Scope, SteeringSpec, SteeringTerm
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]; _common adds the repo root
+from _common import RESULTS_DIR, append_rows, git_commit, machine_name, sync, utc_now  # bench/ is sys.path[0]; _common adds the repo root
 from welfare_server.maze import MazeBatch, MazeConfig, MazeTokenTable
 from welfare_server import _maze_core
 from welfare_server.maze.reference import ReferenceMaze
@@ -56,9 +56,6 @@ def timed(fn, min_seconds: float, max_iterations: int = 10**9) -> float:
             return elapsed / iterations
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_core(device, size, num_envs, table_builder, seconds, threads):

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
+from _common import RESULTS_DIR, append_rows, gemm_roof, git_commit, machine_name, sync, utc_now  # bench/ is sys.path[0]
 from welfare_server.maze import MazeBatch, MazeConfig, MazeTokenTable
 from welfare_server.model.engine import Engine, EngineConfig
 from welfare_server.model.loading import load_model
@@ -29,27 +29,6 @@ from welfare_server.train.rollout import RolloutConfig, episode_context_tokens, 
 
 FIELDS = ["date", "machine", "commit", "provider", "model", "dtype", "envs", "steps", "moves_per_s",
           "tokens_per_s", "gflop_per_s", "roof_gflop_per_s", "ratio_vs_reference", "note"]
-
-
-def gemm_roof(device, dtype, seconds: float = 2.0) -> float:
-    """GFLOP/s of a large square matmul in the model's dtype: what the device's GEMMs can reach."""
-    n = 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    sync(device)
-    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def engine_flops(model_config, result, end_len: int) -> float:

@@ -1,6 +1,17 @@
 """Shared fixtures: the bundled model's directory and tokenizer (fetched and converted once)."""
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    # The suite shares 2 cores with other jobs: with two intra-op threads, an OpenMP region whose
+    # second thread is preempted waits for it (a 47 us attention call took 7.7 ms on a loaded VM).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

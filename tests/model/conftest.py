@@ -19,14 +19,6 @@ def get_model():
     return _model
 
 
-@pytest.fixture(autouse=True)
-def _inference_threads():
-    # The suite shares 2 cores with other jobs; one intra-op thread avoids OpenMP spin contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def rand_prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)

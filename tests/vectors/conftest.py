@@ -30,14 +30,6 @@ def registry(tmp_path):
     return VectorRegistry(tmp_path / "vectors")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The suite shares 2 cores with other jobs; one intra-op thread avoids OpenMP spin contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def rand_rows(rows: int, dim: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
