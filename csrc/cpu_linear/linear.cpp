@@ -286,6 +286,8 @@ void linear(const Args& a, int threads, Isa isa) {
   int64_t chunk_rows = std::max<int64_t>(12, (kChunkBytes / row_bytes + 11) / 12 * 12);
   chunk_rows = std::max(chunk_rows, (a.O + kMaxChunks - 1) / kMaxChunks);
   const bool parallel = threads > 1 && w_bytes >= min_parallel_bytes() && a.O > chunk_rows;
+  // No more workers than chunks left after the caller's first: more would only contend.
+  const int workers = static_cast<int>(std::min<int64_t>(threads - 1, (a.O + chunk_rows - 1) / chunk_rows - 1));
 
   // x widened once per tile into a per-thread scratch. Rows of x are taken kRowTile at a time:
   // each block of W rows meets every row of the tile while it is in L1, and the tile itself
@@ -311,7 +313,7 @@ void linear(const Args& a, int threads, Isa isa) {
     job.y_dtype = a.x_dtype;
     job.M = mt;
     job.I = a.I;
-    if (!(parallel && pool().run(k.rows, job, a.O, chunk_rows, threads - 1))) k.rows(job, 0, a.O);
+    if (!(parallel && pool().run(k.rows, job, a.O, chunk_rows, workers))) k.rows(job, 0, a.O);
   }
 }
 
