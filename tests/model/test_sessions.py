@@ -90,7 +90,7 @@ def test_limits_refuse_under_the_refuse_policy(get_model):
     with pytest.raises(RequestRefused, match="max_sessions: 2 sessions are open, the limit is max_sessions=2"):
         eng.open_session()
     with pytest.raises(RequestRefused, match="session_id: 'one' is already open"):
-        eng._open_session("one")
+        eng.open_session("one")
     eng.generate([Request(prompt=p, session_id=s1, sampling=greedy(10))])
     with pytest.raises(RequestRefused, match="request.session_id: the session would cache up to 18 tokens beside "
                                              "17 cached by the other sessions, more than max_session_tokens=30"):
@@ -149,3 +149,24 @@ def test_session_commands_from_another_thread_run_on_the_loop_thread(get_model):
         assert len(eng._free_slots) == 4
     finally:
         eng.stop(timeout=10)
+
+
+def test_a_pinned_session_is_never_evicted(get_model):
+    lm = get_model("tiny-llama")
+    eng = Engine(lm, EngineConfig(max_batch_slots=2, max_context_len=40, max_sessions=2, session_policy="evict_lru"))
+    p = rand_prompts([6], seed=2)[0]
+    pinned = eng.open_session(pinned=True)
+    other = eng.open_session()
+    eng.generate([Request(prompt=p, session_id=pinned, sampling=greedy(2))])
+    eng.generate([Request(prompt=p, session_id=other, sampling=greedy(2))])
+    fork = eng.fork_session(pinned, 1)[0]  # room is made by evicting `other`, never `pinned`
+    assert eng.sessions.sessions[fork].pinned and other not in eng.sessions.sessions
+    with pytest.raises(RequestRefused, match="max_sessions: 2 sessions are open"):
+        eng.open_session()  # both open sessions are pinned: nothing to evict
+    # Both slots are held by pinned sessions: a plain request waits instead of evicting them.
+    waiting = eng.submit(Request(prompt=p, sampling=greedy(2)))
+    eng.step()
+    assert not waiting.done and eng.num_waiting == 1
+    eng.close_session(fork)
+    eng.run_until_done()
+    assert waiting.output.finish_reason == "length" and pinned in eng.sessions.sessions

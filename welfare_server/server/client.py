@@ -1,6 +1,8 @@
 """Python clients of a welfare_server: WelfareClient (blocking) and AsyncWelfareClient (asyncio),
 over one channel to one address or, for replicas, gRPC's own client-side load balancing
-(round_robin) over several addresses.
+(round_robin) over several addresses. Generation (generate, generate_unary, abort), info, vectors
+(extract, list_vectors, get_vector, put_vector, delete_vector, export_vector, import_vector) and
+the maze (rollout, maze_session).
 
     with WelfareClient("127.0.0.1:50051") as client:
         for delta in client.generate(chat=[{"role": "user", "content": "How's it going?"}],

@@ -20,8 +20,9 @@ class ServerConfig:
     port: int = 50051
     """Port to listen on; 0 picks a free one (Server.port says which)."""
     max_concurrent_requests: int = 256
-    """Generation, rollout and extraction RPCs in flight at once; beyond it a call gets
-    RESOURCE_EXHAUSTED at once instead of queueing without bound."""
+    """Generation, rollout and extraction calls in flight at once, and maze Sessions open (a Session
+    holds its mazes for as long as it lasts); beyond it a call gets RESOURCE_EXHAUSTED at once
+    instead of queueing without bound."""
     max_message_bytes: int = 64 << 20
     """Largest message received or sent (tensors travel inside messages)."""
     max_tensor_elements: int = 1 << 24
@@ -55,6 +56,15 @@ class ServerConfig:
     `welfare-server vectors extract` makes larger sets)."""
     max_rollout_envs: int = 1024
     """Envs (mazes x group) one Rollout or maze Session may ask for."""
+    max_maze_state_bytes: int = 1 << 28
+    """Grid state one Rollout or Session may hold (256 MiB: 1024 envs at size 100 take 10 MB; the
+    largest grids, size 1000, then allow 268 envs)."""
+    max_extract_per_class: int = 10_000
+    """Largest per_class an Extract may ask for: every trajectory's token ids are held in memory until
+    the capture pass (twice the paper's 5000)."""
+    max_extract_permutations: int = 256
+    """Most label permutations an Extract may ask for: the capture keeps (1 + K) x classes x hidden
+    sums per layer on the serving device (256 is 0.3 GB for a 36-layer, 2560-wide model)."""
     log_json: bool = True
     """One JSON line per call (method, request id, status, duration, tokens) on stderr."""
 
@@ -62,8 +72,10 @@ class ServerConfig:
         check_str(self.host, "ServerConfig.host", ValueError)
         check_int(self.port, "ServerConfig.port", ValueError, 0, MAX_PORT)
         for name in ("max_concurrent_requests", "max_message_bytes", "max_tensor_elements", "default_max_new_tokens",
-                     "keepalive_time_s", "keepalive_timeout_s", "extract_per_class", "max_rollout_envs"):
+                     "keepalive_time_s", "keepalive_timeout_s", "extract_per_class", "max_rollout_envs",
+                     "max_maze_state_bytes", "max_extract_per_class"):
             check_int(getattr(self, name), f"ServerConfig.{name}", ValueError, 1)
+        check_int(self.max_extract_permutations, "ServerConfig.max_extract_permutations", ValueError, 0)
         check_number(self.shutdown_grace_s, "ServerConfig.shutdown_grace_s", ValueError, 0.0)
         if self.metrics_port is not None:
             check_int(self.metrics_port, "ServerConfig.metrics_port", ValueError, 0, MAX_PORT)

@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 
 from welfare_server.model.engine import QueueFull
 from welfare_server.model.fields import InvalidRequest
-from welfare_server.vectors.registry import RecordNotFound, RegistryError
+from welfare_server.vectors.registry import CorruptRecord, RecordNotFound, RegistryError
 
 
 class WireError(Exception):
@@ -44,6 +44,8 @@ def translate(error: BaseException, *, field_prefix: str = "", subject_is_record
         return exhausted(str(error))
     if isinstance(error, RecordNotFound) and subject_is_record:
         return WireError(grpc.StatusCode.NOT_FOUND, str(error))
+    if isinstance(error, CorruptRecord):
+        return WireError(grpc.StatusCode.DATA_LOSS, str(error))
     if isinstance(error, (InvalidRequest, RegistryError)):
         field = getattr(error, "field", "") or ""
         message = str(error)
@@ -97,4 +99,5 @@ _CODES = {
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
     grpc.StatusCode.CANCELLED: code_pb2.CANCELLED,
+    grpc.StatusCode.DATA_LOSS: code_pb2.DATA_LOSS,
 }

@@ -41,9 +41,6 @@ from welfare_server.train.rollout import RolloutConfig, RolloutResult, episode_c
 POLICIES = {maze_pb2.POLICY_UNSPECIFIED: "model", maze_pb2.POLICY_MODEL: "model", maze_pb2.POLICY_RANDOM: "random",
             maze_pb2.POLICY_ORACLE: "oracle"}
 
-MAX_STATE_BYTES = 1 << 28
-"""Grid state one Rollout or Session may hold (256 MiB: 1024 envs at size 100 take 10 MB; the
-largest grids, size 1000, then allow 268 envs)."""
 TABLE_CACHE_SIZE = 16
 """Token tables kept per maze config (building one checks 512 rendered prompts, ~0.15 s)."""
 
@@ -124,11 +121,12 @@ class MazeService(maze_pb2_grpc.MazeServicer):
         if envs > limit:
             raise invalid("num_mazes" if B > limit else "group_size",
                           f"{B} mazes x {G} per group = {envs} envs, more than max_rollout_envs={limit}")
-        config = maze_config(request.rules, "rules", max_state_bytes=MAX_STATE_BYTES)
-        if _state_bytes(config, envs) > MAX_STATE_BYTES:
+        state_limit = s.config.max_maze_state_bytes
+        config = maze_config(request.rules, "rules", max_state_bytes=state_limit)
+        if _state_bytes(config, envs) > state_limit:
             raise invalid("num_mazes" if G == 1 else "group_size",
                           f"{envs} envs of size {config.size} need {_state_bytes(config, envs)} bytes of maze state, "
-                          f"more than the limit {MAX_STATE_BYTES}")
+                          f"more than max_maze_state_bytes={state_limit}")
         if request.seed < 0:
             raise invalid("seed", f"{request.seed} is negative")
         plan = dict(policy=policy, B=B, G=G, envs=envs, config=config, seed=request.seed, steering=None,
@@ -224,14 +222,15 @@ class MazeService(maze_pb2_grpc.MazeServicer):
 
     def _reset(self, reset) -> tuple[MazeBatch, MazeTokenTable | None]:
         s = self.state
-        config = maze_config(reset.rules, "reset.rules", autoreset=True, max_state_bytes=MAX_STATE_BYTES)
+        state_limit = self.state.config.max_maze_state_bytes
+        config = maze_config(reset.rules, "reset.rules", autoreset=True, max_state_bytes=state_limit)
         limit = s.config.max_rollout_envs
         if not 1 <= reset.num_envs <= limit:
             raise invalid("reset.num_envs", f"{reset.num_envs} is out of range [1, max_rollout_envs={limit}]")
-        if _state_bytes(config, reset.num_envs) > MAX_STATE_BYTES:
+        if _state_bytes(config, reset.num_envs) > state_limit:
             raise invalid("reset.num_envs", f"{reset.num_envs} envs of size {config.size} need "
                                             f"{_state_bytes(config, reset.num_envs)} bytes of maze state, more "
-                                            f"than the limit {MAX_STATE_BYTES}")
+                                            f"than max_maze_state_bytes={state_limit}")
         if reset.seed < 0:
             raise invalid("reset.seed", f"{reset.seed} is negative")
         table = self._table(config, "reset.render_tokens") if reset.render_tokens else None

@@ -40,12 +40,6 @@ from welfare_server.vectors.registry import CorruptRecord, RegistryError
 
 REQUEST_ID_KEY = "x-request-id"
 
-MAX_PER_CLASS = 10_000
-"""Largest per_class an Extract may ask for: every trajectory's token ids are held in memory until
-the capture pass (twice the paper's 5000)."""
-MAX_PERMUTATIONS = 256
-"""Most label permutations an Extract may ask for: the capture keeps (1 + K) x classes x hidden
-sums per layer on the serving device (256 is 0.3 GB for a 36-layer, 2560-wide model)."""
 MAX_NAME_CHARS = 200
 """A record name's longest form (the registry's own limit, checked before any work is done)."""
 ROLES = ("system", "user", "assistant")
@@ -195,11 +189,6 @@ def _check_record_name(name: str, field: str = "name") -> None:
         raise invalid(field, f"{len(name)} characters, more than the limit {MAX_NAME_CHARS}")
 
 
-def _corrupt(error: CorruptRecord) -> WireError:
-    # The record exists but fails its integrity check: the server's data, not the caller's field.
-    return WireError(grpc.StatusCode.INTERNAL, f"corrupt vector record: {error}")
-
-
 # --------------------------------------------------------------------------------------- service
 class VectorsService(vectors_pb2_grpc.VectorsServicer):
     def __init__(self, state):
@@ -257,8 +246,9 @@ class VectorsService(vectors_pb2_grpc.VectorsServicer):
 
     def _extraction_config(self, request) -> ExtractionConfig:
         per_class = request.per_class if request.HasField("per_class") else self.state.config.extract_per_class
-        if not 2 <= per_class <= MAX_PER_CLASS:
-            raise invalid("per_class", f"{per_class} is out of range [2, {MAX_PER_CLASS}]")
+        limit = self.state.config.max_extract_per_class
+        if not 2 <= per_class <= limit:
+            raise invalid("per_class", f"{per_class} is out of range [2, {limit}] (max_extract_per_class)")
         values = dict(per_class=per_class)
         if request.HasField("heldout_fraction"):
             fraction = request.heldout_fraction
@@ -266,8 +256,10 @@ class VectorsService(vectors_pb2_grpc.VectorsServicer):
                 raise invalid("heldout_fraction", f"{fraction} is not in (0, 1)")
             values["heldout_fraction"] = fraction
         if request.HasField("permutations"):
-            if not 0 <= request.permutations <= MAX_PERMUTATIONS:
-                raise invalid("permutations", f"{request.permutations} is out of range [0, {MAX_PERMUTATIONS}]")
+            limit = self.state.config.max_extract_permutations
+            if not 0 <= request.permutations <= limit:
+                raise invalid("permutations", f"{request.permutations} is out of range [0, {limit}] "
+                                              "(max_extract_permutations)")
             values["permutations"] = request.permutations
         if request.HasField("seed"):
             if request.seed < 0:
@@ -344,8 +336,8 @@ class VectorsService(vectors_pb2_grpc.VectorsServicer):
             registry = self._registry()
             try:
                 record = await asyncio.to_thread(registry.get, request.id)
-            except CorruptRecord as error:
-                raise _corrupt(error) from None
+            except CorruptRecord as error:  # the server's data, not the caller's field: DATA_LOSS
+                raise translate(error) from None
             return vec.VectorRecord(meta=meta_message(record.meta), tensor=wire.from_torch(record.tensor))
 
     async def Put(self, request, context):
@@ -404,8 +396,8 @@ class VectorsService(vectors_pb2_grpc.VectorsServicer):
 
             try:
                 data = await asyncio.to_thread(export)
-            except CorruptRecord as error:
-                raise _corrupt(error) from None
+            except CorruptRecord as error:  # the server's data, not the caller's field: DATA_LOSS
+                raise translate(error) from None
             call.log.update(bytes=len(data))
             return vec.ExportVectorResponse(gguf=data)
 

@@ -370,7 +370,7 @@ class VectorRegistry:
         tensor = tensor.detach().to("cpu", torch.float32).contiguous().clone()
         meta = VectorMeta(id="", content_sha256="", name=name, model=model, hidden_size=D, layers=layers,
                           point=point, method=method, concept=concept, classes=classes, counts=counts,
-                          norms=[float(n) for n in tensor.norm(dim=1)], selection=dict(selection),
+                          norms=[float(n) for n in tensor.double().norm(dim=1)], selection=dict(selection),
                           best_layer=best_layer, source=json.loads(_canonical(source)),
                           created=datetime.now(timezone.utc).isoformat(timespec="microseconds"))
         meta.content_sha256 = content_sha256(tensor, meta)

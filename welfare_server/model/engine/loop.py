@@ -45,8 +45,8 @@ from welfare_server.model.engine.requests import (PreparedRequest, QueueFull, Re
 from welfare_server.model.engine.sampling import SamplingRows, choose
 from welfare_server.model.engine.sessions import Session, SessionTable
 from welfare_server.model.engine.stream import EventBuffer, IncrementalText, StreamEvent, StreamOverflow
-from welfare_server.model.fields import (InvalidRequest, check_int, check_int_list, check_sequence, check_str,
-                                         check_tensor)
+from welfare_server.model.fields import (InvalidRequest, check_bool, check_int, check_int_list, check_sequence,
+                                         check_str, check_tensor)
 from welfare_server.model.loading import LoadedModel
 from welfare_server.model.steering import (GENERATED_ROLE, POINTS, ResolvedSteering, VectorBank,
                                            prompt_steer_mask, resolve_spec)
@@ -374,17 +374,19 @@ class Engine:
             return handles
 
     # ------------------------------------------------------------------ sessions
-    def open_session(self, session_id: str | None = None) -> str:
+    def open_session(self, session_id: str | None = None, *, pinned: bool = False) -> str:
         """Open an empty session (from any thread); returns its id. Its first request's prompt
         starts the conversation. Refused at max_sessions under session_policy "refuse"; under
-        "evict_lru" the least recently used idle session is closed to make room."""
+        "evict_lru" the least recently used idle session that is not pinned is closed to make
+        room. A pinned session is never evicted (close it when done)."""
         if session_id is not None:
             check_str(session_id, "session_id", RequestRefused, max_len=self.cfg.max_request_id_chars)
-        return self._on_loop(lambda: self._open_session(session_id))
+        check_bool(pinned, "pinned", RequestRefused)
+        return self._on_loop(lambda: self._open_session(session_id, pinned))
 
     def fork_session(self, source: str, count: int = 1) -> list[str]:
         """Copy an idle session into `count` new sessions (their caches copied, so the shared
-        prefix is never prefilled again); returns their ids."""
+        prefix is never prefilled again; pinned if the source is); returns their ids."""
         check_str(source, "source", RequestRefused)
         check_int(count, "count", RequestRefused, 1, self.cfg.max_batch_slots)
         return self._on_loop(lambda: self._fork_session(source, count))
@@ -400,14 +402,14 @@ class Engine:
         with self._lock:
             return list(self.sessions.lookup(session_id, "session_id").history)
 
-    def _open_session(self, session_id):
+    def _open_session(self, session_id, pinned: bool):
         if session_id is None:
             session_id = self.sessions.new_id()
         elif session_id in self.sessions.sessions:
             raise RequestRefused(f"session_id: {session_id!r} is already open")
         self._make_room_for_sessions(1, "max_sessions")
         with self._lock:
-            return self.sessions.add(session_id).session_id
+            return self.sessions.add(session_id, pinned).session_id
 
     def _fork_session(self, source, count):
         src = self.sessions.lookup(source, "source")
@@ -419,7 +421,7 @@ class Engine:
         ids = []
         for _ in range(count):
             with self._lock:
-                fork = self.sessions.add(self.sessions.new_id())
+                fork = self.sessions.add(self.sessions.new_id(), src.pinned)
             fork.length, fork.pending, fork.pending_role = src.length, src.pending, src.pending_role
             fork.history = list(src.history)
             if src.length:

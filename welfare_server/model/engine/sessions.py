@@ -39,6 +39,9 @@ class Session:
     """Every token so far: the cache's `length` tokens, then `pending` when there is one."""
     busy: str | None = None
     """The request id of the turn running (or queued) in it."""
+    pinned: bool = False
+    """Never evicted: a client that plays several turns in a row (a rollout between two maze steps)
+    must not lose its cache to another request; it still counts against the limits."""
     last_used: int = 0
 
     @property
@@ -83,8 +86,8 @@ class SessionTable:
     def touch(self, session: Session) -> None:
         session.last_used = next(self._clock)
 
-    def add(self, session_id: str) -> Session:
-        session = Session(session_id)
+    def add(self, session_id: str, pinned: bool = False) -> Session:
+        session = Session(session_id, pinned=pinned)
         self._evicted.pop(session_id, None)
         self.touch(session)
         self.sessions[session_id] = session
@@ -104,6 +107,8 @@ class SessionTable:
         return self._evicted.pop(session_id, None) is not None
 
     def idle_lru(self, exclude=()) -> list[Session]:
-        """Idle sessions (no turn running or queued), least recently used first."""
-        idle = [s for s in self.sessions.values() if s.busy is None and s.session_id not in exclude]
+        """Idle sessions that may be evicted (no turn running or queued, not pinned), least recently
+        used first."""
+        idle = [s for s in self.sessions.values()
+                if s.busy is None and not s.pinned and s.session_id not in exclude]
         return sorted(idle, key=lambda s: s.last_used)
