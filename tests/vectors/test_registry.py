@@ -44,7 +44,7 @@ def test_put_get_list_delete_round_trip(registry, tiny_identity):
     assert (m.id, m.name, m.method, m.concept, m.point) == (rid, "test", "contrast", "mold", "block_input")
     assert m.model == tiny_identity and m.hidden_size == tiny_identity.hidden_size
     assert m.layers == list(range(tiny_identity.num_layers)) and m.classes == ["mold", "gold"] and m.counts == [5, 7]
-    assert m.norms == [float(n) for n in tensor.norm(dim=1)] and m.best_layer == 2 and m.source == {"seed": 1}
+    assert m.norms == [float(n) for n in tensor.double().norm(dim=1)] and m.best_layer == 2 and m.source == {"seed": 1}
     assert m.created.endswith("+00:00") and m.content_sha256.startswith(rid)
     assert torch.equal(rec.row(3), tensor[3])
     assert [x.id for x in registry.list()] == [rid]

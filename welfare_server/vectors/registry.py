@@ -132,7 +132,7 @@ class VectorMeta:
     counts: list[int] = field(default_factory=list)
     """Examples per class (same order as classes)."""
     norms: list[float] = field(default_factory=list)
-    """L2 norm of each row (fp32), to size coefficients and norm-matched controls without loading."""
+    """L2 norm of each row (computed in float64), to size coefficients and norm-matched controls without loading."""
     selection: dict[str, LayerSelection] = field(default_factory=dict)
     """Per class: the held-out layer-selection figures of the extraction."""
     best_layer: int | None = None
