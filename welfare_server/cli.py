@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     from welfare_server.vectors.commands import add_commands as add_vector_commands
 
     add_vector_commands(commands)
+    # ---- train: the subcommand lives in welfare_server/train/cli.py --------------------------------
+    from welfare_server.train.cli import add_train_command
+
+    add_train_command(commands)
+    # ---- end train ---------------------------------------------------------------------------------
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -178,11 +178,14 @@ def action_seed(seed: int, env: int, turn: int) -> int:
 
 @torch.inference_mode()
 def play_episodes(engine, table: MazeTokenTable, maze: MazeBatch, config: RolloutConfig = RolloutConfig(),
-                  steering=None, on_turn=None) -> RolloutResult:
+                  steering=None, on_turn=None, *, env_ids=None) -> RolloutResult:
     """Play one episode in every env of maze (freshly reset) through the engine (see the module
     docstring). steering: a SteeringSpec applied to every env (its scope decides which prompt
     tokens it touches; the paper's is ASSISTANT_AND_GENERATED). on_turn(t): called after each turn
-    (a progress bar). Each env holds an engine session for the episode; they are closed at the end."""
+    (a progress bar). env_ids: the index each env's moves are seeded by (action_seed), default its
+    position in maze; a trainer that plays a shard of a larger batch passes the envs' indices in
+    the whole batch, so a move does not depend on how the batch was sharded. Each env holds an
+    engine session for the episode; they are closed at the end."""
     from welfare_server.model.engine import Request, SamplingParams
 
     _check_fresh(maze)
@@ -199,10 +202,13 @@ def play_episodes(engine, table: MazeTokenTable, maze: MazeBatch, config: Rollou
                          f"max_context_len={cfg.max_context_len}")
     action_ids = list(table.action_token_ids)
     action_of = {tok: a for a, tok in enumerate(action_ids)}
+    seed_env = list(range(B)) if env_ids is None else [int(e) for e in env_ids]
+    if len(seed_env) != B:
+        raise ValueError(f"env_ids has {len(seed_env)} entries, the maze has {B} envs")
     out = _result_buffers(B, steps)
     conversations = [list(prefix) for _ in range(B)]
     answer_positions: list[list[int]] = [[] for _ in range(B)]
-    sessions = [engine.open_session() for _ in range(B)]
+    sessions = [engine.open_session(pinned=True) for _ in range(B)]
     try:
         for t in range(steps):
             ids, lengths = maze.render_tokens(table)
@@ -221,7 +227,7 @@ def play_episodes(engine, table: MazeTokenTable, maze: MazeBatch, config: Rollou
                 requests.append(Request(
                     prompt=lead + turn, prompt_roles=[lead_role] * len(lead) + roles, session_id=sessions[i],
                     steering=steering, sampling=SamplingParams(
-                        max_new_tokens=1, temperature=config.temperature, seed=action_seed(config.seed, i, t),
+                        max_new_tokens=1, temperature=config.temperature, seed=action_seed(config.seed, seed_env[i], t),
                         logprobs=True, allowed_token_ids=allowed, ignore_eos=True)))
             outputs = engine.generate(requests)
             actions = torch.tensor([action_of[o.token_ids[0]] for o in outputs], dtype=torch.int64)
