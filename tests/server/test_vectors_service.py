@@ -167,6 +167,8 @@ def test_export_then_import_gives_the_rows_back(client, extracted):
     doubled = client.get_vector(client.import_vector(client.export_vector(record.meta.id, scale=2.0), name="x2"))
     assert torch.equal(_tensor(doubled), _tensor(record)[2:] * 2)
     assert json.loads(back.meta.meta_json)["source"]["provenance"]["record_id"] == record.meta.id
+    one = client.get_vector(client.import_vector(client.export_vector(record.meta.id, layers=[3]), name="l3"))
+    assert list(one.meta.layers) == [3] and torch.equal(_tensor(one), _tensor(record)[3:])
 
 
 def test_refusals_name_their_field(client, extracted, tmp_path):
@@ -183,6 +185,8 @@ def test_refusals_name_their_field(client, extracted, tmp_path):
         (lambda: client.put_vector(torch.full((D,), float("nan")), [1]), "tensor"),
         (lambda: client.get_vector("not-an-id"), "id"),
         (lambda: client.export_vector(extracted[-1].vector_ids["mold"], scale=float("inf")), "scale"),
+        (lambda: client.export_vector(extracted[-1].vector_ids["mold"], layers=[L]), "layers[0]"),
+        (lambda: client.export_vector(extracted[-1].vector_ids["mold"], layers=[0]), "layers"),
         (lambda: client.import_vector(b"not a gguf file"), "gguf"),
         (lambda: client.import_vector(b""), "gguf"),
         (lambda: client.extract(maze=TINY_MAZE, per_class=1), "per_class"),

@@ -178,10 +178,11 @@ class WelfareClient(_Base):
         return self.vectors.Delete(vec.DeleteVectorRequest(id=vector_id), metadata=self.metadata,
                                    timeout=self.timeout).deleted
 
-    def export_vector(self, vector_id: str, scale: float = 1.0) -> bytes:
-        """The record as a llama.cpp control-vector file (rows llama.cpp never steers left out)."""
-        return self.vectors.Export(vec.ExportVectorRequest(id=vector_id, scale=scale), metadata=self.metadata,
-                                   timeout=self.timeout).gguf
+    def export_vector(self, vector_id: str, scale: float = 1.0, layers: Sequence[int] = ()) -> bytes:
+        """The record (its rows at `layers`, or every row llama.cpp can steer) as a llama.cpp
+        control-vector file."""
+        return self.vectors.Export(vec.ExportVectorRequest(id=vector_id, scale=scale, layers=list(layers)),
+                                   metadata=self.metadata, timeout=self.timeout).gguf
 
     def import_vector(self, gguf: bytes, name: str = "") -> str:
         """Store a llama.cpp control-vector file as a record for the served model; returns its id."""
@@ -259,8 +260,8 @@ class AsyncWelfareClient(_Base):
         return (await self.vectors.Delete(vec.DeleteVectorRequest(id=vector_id), metadata=self.metadata,
                                           timeout=self.timeout)).deleted
 
-    async def export_vector(self, vector_id: str, scale: float = 1.0) -> bytes:
-        return (await self.vectors.Export(vec.ExportVectorRequest(id=vector_id, scale=scale),
+    async def export_vector(self, vector_id: str, scale: float = 1.0, layers: Sequence[int] = ()) -> bytes:
+        return (await self.vectors.Export(vec.ExportVectorRequest(id=vector_id, scale=scale, layers=list(layers)),
                                           metadata=self.metadata, timeout=self.timeout)).gguf
 
     async def import_vector(self, gguf: bytes, name: str = "") -> str:

@@ -379,8 +379,7 @@ class VectorsService(vectors_pb2_grpc.VectorsServicer):
     async def Export(self, request, context):
         async with served_call(self.state, "Export", context) as call:
             # A record none of whose rows llama.cpp can steer is a refusal about the record asked for.
-            call.translate_args = dict(subject_is_record=True, field_map={"record_id": "id", "layers": "id",
-                                                                          "coefficient": "scale"})
+            call.translate_args = dict(subject_is_record=True, field_map={"record_id": "id", "coefficient": "scale"})
             call.log.update(id=request.id)
             registry = self._registry()
             scale = request.scale or 1.0
@@ -390,8 +389,11 @@ class VectorsService(vectors_pb2_grpc.VectorsServicer):
             def export() -> bytes:
                 with tempfile.TemporaryDirectory(prefix="welfare-export-") as tmp:
                     path = Path(tmp) / "vector.gguf"
-                    # Rows llama.cpp never steers (block_input 0 and 1) have no GGUF form: left out.
-                    export_record(registry, request.id, path, coefficient=scale, drop_unrepresentable=True)
+                    # Without a layer list, rows llama.cpp never steers (block_input 0 and 1) have no
+                    # GGUF form and are left out; asked for by name, such a row is refused.
+                    layers = list(request.layers) or None
+                    export_record(registry, request.id, path, layers=layers, coefficient=scale,
+                                  drop_unrepresentable=layers is None)
                     return path.read_bytes()
 
             try:
