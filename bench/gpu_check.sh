@@ -12,6 +12,7 @@
 #   engine    CUDA-graph decode test, then bench_generate.py bf16              (issue 4)
 #   rollout   the engine and session tests on CUDA, then bench_rollout.py bf16 at 256 envs
 #             (needs MODEL_DIR: the bundled model's converted directory, carried in two parts)
+#   train     bench_train.py bf16: whole Dr. GRPO steps (rollout + LoRA update), 8 x 32 episodes (MODEL_DIR)
 # Stage time limits below add up to ~9 min at worst (typically far less); the device session has
 # 15 min including the machine's start. A later call on the still-warm machine can rerun single
 # stages (the build stays in the working tree between calls).
@@ -28,7 +29,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build maze kernels engine) && [ -n "${MODEL_DIR:-}" ] && STAGES+=(rollout)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build maze kernels engine) && [ -n "${MODEL_DIR:-}" ] && STAGES+=(rollout train)
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export WELFARE_TOKENIZER_DIR=${TOKENIZER_DIR:-}
 TOK_ARGS=()
@@ -78,7 +79,12 @@ for stage in "${STAGES[@]}"; do
       [ -n "${MODEL_DIR:-}" ] && run bench_rollout 200 python bench/bench_rollout.py --model "$MODEL_DIR" --device cuda \
         --dtype bfloat16 --envs 256,64 --no-reference --budget-s 150 --out "$OUT/rollout.csv"
       ;;
-    *) echo "unknown stage $stage (build, maze, kernels, engine, rollout)"; exit 2 ;;
+    train)
+      # Policy moves/s of whole Dr. GRPO steps (rollout + LoRA update) in bf16: 8 mazes x 32 episodes.
+      [ -n "${MODEL_DIR:-}" ] && run bench_train 200 python bench/bench_train.py --model "$MODEL_DIR" --device cuda \
+        --dtype bfloat16 --preset paper --groups 8 --group-size 32 --train-steps 1 --no-reference --out "$OUT/train.csv"
+      ;;
+    *) echo "unknown stage $stage (build, maze, kernels, engine, rollout, train)"; exit 2 ;;
   esac
 done
 for f in "$OUT"/bench_*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 25 "$f"; }; done

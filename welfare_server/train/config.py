@@ -155,6 +155,9 @@ class TrainConfig:
     """Write a checkpoint every this many steps (and after the last); 0 = only after the last."""
     out_dir: str = "runs/train"
     """Directory of metrics.jsonl and checkpoints/."""
+    export_policy: bool = True
+    """After the last step, write the trained policy (adapters merged) as a plain Hugging Face model
+    directory, out_dir/policy, that every other command loads with --model (vectors extract, serve)."""
     resume: bool = True
     """Continue from the latest checkpoint in out_dir when there is one."""
     progress: bool = True
@@ -223,6 +226,7 @@ class TrainConfig:
         check_int(self.kl_metric_every, "TrainConfig.kl_metric_every", E, 0, MAX_STEPS)
         check_int(self.checkpoint_every, "TrainConfig.checkpoint_every", E, 0, MAX_STEPS)
         check_str(self.out_dir, "TrainConfig.out_dir", E)
+        check_bool(self.export_policy, "TrainConfig.export_policy", E)
         check_bool(self.resume, "TrainConfig.resume", E)
         check_bool(self.progress, "TrainConfig.progress", E)
         if not isinstance(self.maze, MazeConfig):

@@ -35,7 +35,7 @@ from welfare_server.train.policy import LOGPROB_TOLERANCE, TokenMismatch, check_
 TIMING_KEYS = ("moves_per_s", "train_moves_per_s", "rollout_s", "update_s", "step_s", "eval_s")
 """Metrics that measure wall time: everything else a step logs is a function of (config, step)."""
 
-RESUME_FREE_FIELDS = ("out_dir", "progress", "resume", "checkpoint_every", "eval_every", "eval_episodes",
+RESUME_FREE_FIELDS = ("out_dir", "progress", "resume", "export_policy", "checkpoint_every", "eval_every", "eval_episodes",
                       "eval_seed", "eval_temperature", "kl_metric_every", "max_rollout_envs", "micro_batch_size")
 """Config fields a resumed run may change: they decide what is logged, saved or how work is chunked,
 not what the policy learns (micro-batching changes only the summation order of the gradient)."""
@@ -188,6 +188,8 @@ class Trainer:
                     self._log(self.evaluate())
                 if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
                     self.save_checkpoint()
+            if c.export_policy and self.world.is_main:
+                self.export_policy(self.out_dir / "policy")
         finally:
             if bar is not None:
                 bar.close()
@@ -489,6 +491,34 @@ class Trainer:
             path = write_checkpoint(self.out_dir, self.step, weights,
                                     optimizer_tensors(self.optimizer, self.param_names), meta)
         barrier(self.world)
+        return path
+
+    def export_policy(self, path: Path) -> Path:
+        """Write the current policy as a plain Hugging Face directory (config, tokenizer,
+        model.safetensors with the adapters merged), replaced atomically: load_model(path) then
+        serves or analyses exactly the weights the engine played the last rollouts with."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self.weights.policy_state_dict()
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)  # tied: loading re-ties it to the embedding
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.config.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return path
 
     def _resume_or_start(self) -> None:

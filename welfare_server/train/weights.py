@@ -52,6 +52,16 @@ class FullWeights:
     def unmerge(self) -> None:
         pass
 
+    @torch.no_grad()
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained policy as a plain model's tensors (the model's own parameter names)."""
+        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+
+    @contextlib.contextmanager
+    def policy_model(self):
+        """The model computing the current policy as one plain forward (here: the model itself)."""
+        yield self.model
+
     def keep_reference(self) -> None:
         """Keep a frozen copy of the initial model (the KL reference); call before training."""
         import copy
@@ -148,6 +158,38 @@ class LoraWeights:
         for name, m in self.layers:
             m.base_layer.weight.copy_(self._base[name])
         self.merged = False
+
+    @torch.no_grad()
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained policy as a plain model's tensors: the adapters merged (W0 + s * B @ A, cast
+        to the model's dtype, exactly what the engine serves) under the un-adapted model's names,
+        so a model loaded from them needs no PEFT."""
+        adapted = {name: m for name, m in self.layers}
+        out = {}
+        for name, tensor in self.model.state_dict().items():
+            if "lora_" in name:
+                continue
+            if ".base_layer." in name:
+                owner, leaf = name.split(".base_layer.")
+                if leaf == "weight":
+                    tensor = (self._base[owner].float() + self.delta(owner, adapted[owner])).to(tensor.dtype)
+                name = f"{owner}.{leaf}"
+            out[name] = tensor.detach().clone()
+        return out
+
+    @contextlib.contextmanager
+    def policy_model(self):
+        """The model computing the current policy as one plain forward, as the engine serves it:
+        the adapters merged into the base weights and their separate path switched off."""
+        self.merge()
+        for _, m in self.layers:
+            m.enable_adapters(False)
+        try:
+            yield self.model
+        finally:
+            for _, m in self.layers:
+                m.enable_adapters(True)
+            self.unmerge()
 
     def keep_reference(self) -> None:
         """The reference (initial) policy is the base model with the adapters switched off."""
