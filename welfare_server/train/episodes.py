@@ -83,6 +83,19 @@ class Episodes:
         return Episodes(**picked)
 
     @staticmethod
+    def empty(steps: int) -> "Episodes":
+        """No episodes of `steps` moves: what a rank plays whose share of a batch is empty (fewer
+        held-out mazes than processes)."""
+        def none(dtype, *shape):
+            return torch.zeros(0, *shape, dtype=dtype)
+
+        return Episodes(env_ids=[], token_ids=[], answer_positions=[], actions=none(torch.int64, steps),
+                        logprobs=none(torch.float32, steps), rewards=none(torch.float32, steps),
+                        tiles_entered=none(torch.int32, steps), tiles_pushed=none(torch.int32, steps),
+                        valid=none(torch.bool, steps, 4), neighbours=none(torch.int32, steps, 4),
+                        oracle_returns=none(torch.float32))
+
+    @staticmethod
     def concat(parts: list["Episodes"]) -> "Episodes":
         joined = {}
         for f in fields(Episodes):
@@ -147,7 +160,7 @@ def play(engine, table: MazeTokenTable, maze: MazeBatch, env_ids: list[int], rol
             actions=result.actions, logprobs=result.logprobs, rewards=result.rewards,
             tiles_entered=result.tiles_entered, tiles_pushed=result.tiles_pushed,
             valid=torch.stack(valid, dim=1), neighbours=torch.stack(neighbours, dim=1), oracle_returns=oracle))
-    return Episodes.concat(parts)
+    return Episodes.concat(parts) if parts else Episodes.empty(maze.config.episode_steps)
 
 
 def _oracle_moves(maze: MazeBatch, generator: torch.Generator | None) -> torch.Tensor:
