@@ -94,10 +94,14 @@ def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], op
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a rerun of the same step: the old copy goes only once the new is complete
-            shutil.rmtree(final)
+        stale = None
+        if final.exists():  # a rerun of the same step: moved aside, deleted once the new one is in place
+            stale = Path(tempfile.mkdtemp(prefix=f".stale_{step:06d}.", dir=base))
+            os.replace(final, stale / final.name)
         os.replace(tmp, final)
         _fsync_dir(base)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

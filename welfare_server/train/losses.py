@@ -104,12 +104,14 @@ def equalised_entropy(logp: torch.Tensor, valid: torch.Tensor, neighbours: torch
     Gold 2); the bonus is sum over groups g of sg(pi(g)) * H(pi(. | g)), the entropy of the move
     distribution restricted to g (renormalised within g), weighted by the group's probability
     with its gradient stopped. Its value is the conditional entropy H(move | tile type) of the
-    current policy. Its gradient moves only the logit differences within a group: the probability
-    of each tile type, pi(g), a function of each group's log-sum-exp, gets exactly zero gradient, so
-    the bonus spreads probability evenly among moves that lead to the same kind of tile (it
-    undoes a bias such as always preferring North among equivalent moves) and never pushes the
-    policy toward or away from any tile type, which the plain entropy bonus does (it rewards
-    putting mass on whichever type has more moves). A group of one move contributes 0.
+    current policy. It depends on the logit differences within each group only: shifting one tile
+    type's logits together leaves it unchanged, so its gradient sums to zero over every group and
+    has no component that raises or lowers a tile type as a whole. It spreads probability evenly
+    among moves that lead to the same kind of tile (it undoes a bias such as always preferring
+    North among equivalent moves) and does not reward putting mass on a tile type, which the plain
+    entropy bonus does (whichever type has more moves). A finite step along the gradient still
+    moves pi(g) a little at first order when the group's moves have unequal probabilities (the
+    step is zero-sum in logits, not in probability). A group of one move contributes 0.
     """
     out = torch.zeros(logp.shape[:-1], dtype=logp.dtype, device=logp.device)
     for tile in range(3):
