@@ -114,45 +114,6 @@ def _serve(args) -> int:
     return 0
 
 
-def _client_generate(args) -> int:
-    from welfare_server.server.client import WelfareClient
-
-    steering = []
-    with WelfareClient(args.address, token=args.token) as client:
-        if args.vector_id:
-            steering = [client.term(args.vector_id, args.layers, args.coefficient, args.mode)]
-        source = dict(text=args.text) if args.raw else dict(chat=[{"role": "user", "content": args.text}])
-        for event in client.generate(steering=steering, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, **source):
-            if event.DESCRIPTOR.name == "TokenDelta":
-                print(event.text, end="", flush=True)
-            else:
-                print(event.text)
-                print(f"[{event.completion_tokens} tokens, {gen_finish_name(event.finish_reason)}]", file=sys.stderr)
-    return 0
-
-
-def gen_finish_name(value: int) -> str:
-    from welfare_server.server.proto import generation_pb2
-
-    return generation_pb2.FinishReason.Name(value).replace("FINISH_REASON_", "").lower()
-
-
-def _client_info(args) -> int:
-    from google.protobuf import json_format
-
-    from welfare_server.server.client import WelfareClient
-
-    with WelfareClient(args.address, token=args.token) as client:
-        print(json_format.MessageToJson(client.info(), preserving_proto_field_name=True))
-    return 0
-
-
-def _add_client_options(parser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:50051", help="the server's host:port")
-    parser.add_argument("--token", default=None, help="bearer token (default: $WELFARE_SERVER_TOKEN)")
-
-
 def main(argv: list[str] | None = None) -> int:
     from welfare_server.maze import MazeConfig
     from welfare_server.model.loading import BUNDLED_NAME, RuntimeConfig
@@ -195,36 +156,39 @@ def main(argv: list[str] | None = None) -> int:
                            only=("device", "dtype"))
     serve.set_defaults(run=_serve)
 
+    from welfare_server import client_commands as client
+
     generate = commands.add_parser("generate", help="ask a running server for a (steered) completion, streamed",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_client_options(generate)
+    client.add_client_options(generate)
     generate.add_argument("text", help="the user message (or raw text with --raw)")
     generate.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--vector-id", help="steer along this registry record")
-    generate.add_argument("--layers", type=int, nargs="+", default=[15], help="layers to steer at")
-    generate.add_argument("--coefficient", type=float, default=4.0)
-    generate.add_argument("--mode", default="add", choices=["add", "add_renorm", "ablate", "clamp"])
-    generate.set_defaults(run=_client_generate)
+    client.add_steering_options(generate)
+    generate.set_defaults(run=client.run_generate)
     info = commands.add_parser("info", help="what a running server serves: model, layers, limits")
-    _add_client_options(info)
-    info.set_defaults(run=_client_info)
+    client.add_client_options(info)
+    info.set_defaults(run=client.run_info)
+    client.add_maze_command(commands, argparse.ArgumentDefaultsHelpFormatter)
 
     from welfare_server.vectors.commands import add_commands as add_vector_commands
 
     add_vector_commands(commands)
-    # ---- train: the subcommand lives in welfare_server/train/cli.py --------------------------------
     from welfare_server.train.cli import add_train_command
 
     add_train_command(commands)
-    # ---- end train ---------------------------------------------------------------------------------
     args = parser.parse_args(argv)
+    import grpc
+
     try:
         return args.run(args)
     except ValueError as error:
         print(f"welfare-server: error: {error}", file=sys.stderr)
         return 2
+    except grpc.RpcError as error:  # a client command: the server's answer, not a traceback
+        print(f"welfare-server: error: the server answered {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -90,7 +90,16 @@ def _analyse(args) -> int:
     return 0
 
 
+def _remote(args) -> bool:
+    """--address given: the command asks that running server instead of the local registry."""
+    return getattr(args, "address", None) is not None
+
+
 def _list(args) -> int:
+    if _remote(args):
+        from welfare_server.client_commands import run_vectors_list
+
+        return run_vectors_list(args)
     registry = _registry(args)
     for meta in registry.list(name=args.name, method=args.method):
         print(f"{meta.id}  {meta.name:12} {meta.method:14} {meta.concept:8} layers {len(meta.layers):3}  "
@@ -101,12 +110,22 @@ def _list(args) -> int:
 def _export(args) -> int:
     from welfare_server.vectors.formats import export_record
 
-    mapping = export_record(_registry(args), args.id, args.path, drop_unrepresentable=True)
+    if _remote(args):
+        from welfare_server.client_commands import run_vectors_export
+
+        return run_vectors_export(args)
+    layers = args.layers or None
+    mapping = export_record(_registry(args), args.id, args.path, layers=layers, coefficient=args.scale,
+                            drop_unrepresentable=layers is None)
     print(f"wrote {args.path}: our layers -> llama.cpp direction.N {mapping}")
     return 0
 
 
 def _import(args) -> int:
+    if _remote(args):
+        from welfare_server.client_commands import run_vectors_import
+
+        return run_vectors_import(args)
     from welfare_server.model.loading import RuntimeConfig, load_model
     from welfare_server.vectors import model_identity
     from welfare_server.vectors.formats import import_gguf_to_registry
@@ -114,6 +133,22 @@ def _import(args) -> int:
     identity = model_identity(load_model(args.model, config_cli.build(RuntimeConfig, args)))
     record = import_gguf_to_registry(_registry(args), args.path, identity, name=args.name)
     print(f"imported {args.path} as record {record}")
+    return 0
+
+
+def _delete(args) -> int:
+    if _remote(args):
+        from welfare_server.client_commands import run_vectors_delete
+
+        return run_vectors_delete(args)
+    from welfare_server.vectors.registry import RecordNotFound
+
+    try:
+        _registry(args).delete(args.id)
+    except RecordNotFound:
+        print(f"record {args.id}: not found")
+        return 1
+    print(f"record {args.id}: deleted")
     return 0
 
 
@@ -146,8 +181,12 @@ def _model_options(parser) -> None:
                            only=("device", "dtype"))
 
 
-def _registry_option(parser) -> None:
+def _registry_option(parser, remote: bool = True) -> None:
     parser.add_argument("--registry-root", default=None, help="the vector registry (default: the cache's vectors/)")
+    if not remote:
+        return
+    parser.add_argument("--address", default=None, help="a running server's host:port: use its registry instead")
+    parser.add_argument("--token", default=None, help="bearer token for --address (default: $WELFARE_SERVER_TOKEN)")
 
 
 def add_commands(commands) -> None:
@@ -158,12 +197,12 @@ def add_commands(commands) -> None:
     from welfare_server.vectors.extract import ExtractionConfig
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    vectors = commands.add_parser("vectors", help="concept vectors: extract, analyse, list, export, import")
+    vectors = commands.add_parser("vectors", help="concept vectors: extract, analyse, list, export, import, delete (--address: a running server's)")
     sub = vectors.add_subparsers(dest="vectors_command", required=True)
     extract = sub.add_parser("extract", formatter_class=fmt,
                              help="v_Mold and v_Gold from the paper's synthetic trajectories (or --contrast chats)")
     _model_options(extract)
-    _registry_option(extract)
+    _registry_option(extract, remote=False)
     extract.add_argument("--paper", action="store_true", help="the paper's sizes (5000 trajectories per class)")
     extract.add_argument("--contrast", help='a JSON file {"positive": [chats], "negative": [chats]} instead of the maze')
     extract.add_argument("--name", help="registry name of the records (default: welfare, or contrast)")
@@ -193,7 +232,15 @@ def add_commands(commands) -> None:
     _registry_option(export)
     export.add_argument("id")
     export.add_argument("path")
+    export.add_argument("--scale", type=float, default=1.0, help="multiply every row by this")
+    export.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="the record's layers to write (default: every row llama.cpp can steer)")
     export.set_defaults(run=_export)
+
+    delete = sub.add_parser("delete", help="remove a record from the registry")
+    _registry_option(delete)
+    delete.add_argument("id")
+    delete.set_defaults(run=_delete)
 
     importing = sub.add_parser("import", help="a llama.cpp / repeng control vector (GGUF) into the registry")
     _registry_option(importing)
