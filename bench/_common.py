@@ -27,15 +27,7 @@ sampler); the machine column lists those present so rows of different CPUs are n
 as if equal."""
 
 
-def cpu_flags() -> set[str]:
-    """The flags /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+from welfare_server.model.cpu_linear import cpu_flags  # noqa: E402  (after the sys.path line above)
 
 
 def machine_name(device: str | torch.device = "cpu") -> str:

@@ -21,26 +21,18 @@ COMBOS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (tor
 """(weight dtype, activation dtype) pairs the kernel computes."""
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _isas():
     """Every kernel, skipped where this CPU lacks its instructions (checked independently)."""
-    flags = _cpu_flags()
+    flags = cpu_linear.cpu_flags()
     have_avx2 = {"avx2", "fma"} <= flags
     return [pytest.param("portable"),
             pytest.param("avx2", marks=pytest.mark.skipif(not have_avx2, reason="this CPU lacks AVX2+FMA"))]
 
 
 def test_isa_detection_matches_cpuinfo():
-    flags = _cpu_flags()
+    flags = cpu_linear.cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     assert ck.isa_supported("portable")

@@ -131,6 +131,19 @@ def kernel_isa() -> str | None:
     return _kernel.best_isa() if _kernel is not None else None
 
 
+def cpu_flags() -> set[str]:
+    """The feature flags /proc/cpuinfo lists for this CPU (empty where it cannot be read): what
+    benchmarks record beside their rows and what tests compare the kernel's own detection with."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_has_native_bf16() -> bool:
     """The CPU computes bf16 dot products natively (AVX512_BF16 or AMX): only there do bf16 linears
     beat fp32 (RuntimeConfig's dtype="auto" reads this). Elsewhere bf16 is widened to fp32 in

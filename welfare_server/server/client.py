@@ -90,9 +90,18 @@ def generate_request(*, chat=None, text=None, tokens=None, steering: Iterable[pb
 
 
 class _Base:
-    def __init__(self, token: str | None, timeout: float | None):
+    _channels = grpc  # grpc (blocking) or grpc.aio: where secure_channel / insecure_channel come from
+
+    def __init__(self, addresses: str | Sequence[str], *, token: str | None = None, root_cert=None,
+                 timeout: float | None = None, max_message_bytes: int = 64 << 20):
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        target, options = channel_target(addresses)
+        credentials = self._credentials(root_cert)
+        options = options + _options(max_message_bytes)
+        self.channel = (self._channels.secure_channel(target, credentials, options) if credentials
+                        else self._channels.insecure_channel(target, options))
+        self._stubs(self.channel)
 
     @staticmethod
     def _credentials(root_cert: str | bytes | None):
@@ -112,16 +121,6 @@ class _Base:
 
 class WelfareClient(_Base):
     """Blocking client (see the module docstring). addresses: "host:port" or a list of replicas."""
-
-    def __init__(self, addresses: str | Sequence[str], *, token: str | None = None, root_cert=None,
-                 timeout: float | None = None, max_message_bytes: int = 64 << 20):
-        super().__init__(token, timeout)
-        target, options = channel_target(addresses)
-        credentials = self._credentials(root_cert)
-        options = options + _options(max_message_bytes)
-        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
-                        else grpc.insecure_channel(target, options))
-        self._stubs(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -202,15 +201,7 @@ class WelfareClient(_Base):
 class AsyncWelfareClient(_Base):
     """asyncio client: the same calls, awaited (generate is an async iterator)."""
 
-    def __init__(self, addresses: str | Sequence[str], *, token: str | None = None, root_cert=None,
-                 timeout: float | None = None, max_message_bytes: int = 64 << 20):
-        super().__init__(token, timeout)
-        target, options = channel_target(addresses)
-        credentials = self._credentials(root_cert)
-        options = options + _options(max_message_bytes)
-        self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
-                        else grpc.aio.insecure_channel(target, options))
-        self._stubs(self.channel)
+    _channels = grpc.aio
 
     async def close(self) -> None:
         await self.channel.close()

@@ -182,14 +182,21 @@ class LoraWeights:
         """The model computing the current policy as one plain forward, as the engine serves it:
         the adapters merged into the base weights and their separate path switched off."""
         self.merge()
+        try:
+            with self._adapters_off():
+                yield self.model
+        finally:
+            self.unmerge()
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
         for _, m in self.layers:
             m.enable_adapters(False)
         try:
-            yield self.model
+            yield
         finally:
             for _, m in self.layers:
                 m.enable_adapters(True)
-            self.unmerge()
 
     def keep_reference(self) -> None:
         """The reference (initial) policy is the base model with the adapters switched off."""
@@ -200,10 +207,5 @@ class LoraWeights:
         whenever the adapters' forward runs)."""
         if self.merged:
             raise RuntimeError("the reference forward needs unmerged weights")
-        for _, m in self.layers:
-            m.enable_adapters(False)
-        try:
+        with self._adapters_off():
             yield self.model
-        finally:
-            for _, m in self.layers:
-                m.enable_adapters(True)
