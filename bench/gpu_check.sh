@@ -7,9 +7,9 @@
 #
 # STAGES, in order of what the open issues need most (default: all of them; rollout only with MODEL_DIR):
 #   build     pip install -e . with WELFARE_CUDA=ON (the image has torch/triton and no network)
-#   maze      CUDA maze parity tests, then bench_maze.py --device cuda        (issue 2)
-#   kernels   Triton kernel tests on CUDA, then bench_steer.py --sweep         (issue 3)
-#   engine    CUDA-graph decode test, then bench_generate.py bf16              (issue 4)
+#   maze      CUDA maze parity tests, then bench_maze.py --device cuda
+#   kernels   Triton kernel tests on CUDA, then bench_steer.py --sweep
+#   engine    CUDA-graph decode test, then bench_generate.py bf16
 #   rollout   the engine and session tests on CUDA, then bench_rollout.py bf16 at 256 envs
 #             (needs MODEL_DIR: the bundled model's converted directory, carried in two parts)
 #   train     bench_train.py bf16: whole Dr. GRPO steps (rollout + LoRA update), 8 x 32 episodes (MODEL_DIR)
