@@ -76,7 +76,7 @@ def test_valid_corner_cases_and_presets():
     assert TrainConfig(lora_layers="").lora_layer_list() is None
     assert TrainConfig(loss_token_constant=0).token_constant == 15  # the maze's episode_steps
     demo = preset_config("cpu-demo", steps=3)
-    assert (demo.algorithm, demo.steps, demo.lora_layers) == ("reinforce", 3, "20-29")
+    assert (demo.algorithm, demo.steps, demo.lora_layers) == ("reinforce", 3, "10-29")
     assert preset_config("paper").loss_token_constant == 1024
     assert preset_config(None) == TrainConfig()
     with pytest.raises(ValueError, match="preset: 'nope'"):
@@ -539,7 +539,7 @@ def test_cli_train_refuses_bad_options_before_loading(argv, message, tmp_path, c
 def test_cli_train_preset_options_are_overridable(tmp_path, capsys):
     from welfare_server.cli import main
 
-    # cpu-demo adapts layers 20-29 (of SmolLM2's 30): on the 4-layer tiny model that is refused
+    # cpu-demo adapts layers 10-29 (of SmolLM2's 30): on the 4-layer tiny model that is refused
     # naming the field, before any training step.
     assert main(["train", "--preset", "cpu-demo", "--model", "tiny-llama", "--no-progress",
                  "--out-dir", str(tmp_path)]) == 2
