@@ -40,6 +40,19 @@ cache, but in the streamed 30-layer pass MKL for o+down at M=1 fp32 was slower (
 so every linear takes the packed path. That fixed cost (~1.2 ms/step for 121 calls) is now the
 largest non-bandwidth term of a batch-1 bf16 step.
 
+The small-M kernel against the others on the AVX2-only Zen 2 VM (2 cores, 2 threads, quiet; the
+same streamed pass, bench/bench_linear.py, bench/results/linear.csv; read roof ~25 GB/s):
+
+                      F.linear (MKL)   oneDNN packed   small-M kernel
+    fp32  M=1              57.1             38.6            37.0      (lm_head alone: 11.7 / 5.5 / 4.7)
+    fp32  M=8             103.4             56.7            54.9
+    bf16  M=1              26.5            (no packing)     20.9
+    bf16  M=8             164.6            (no packing)     52.5
+
+The big shapes run near the roof on the kernel (lm_head fp32 93%, down 85%); the whole pass reaches
+56% because the small ones (o 576x576, qkv) are too short to amortise the wake-up of the second
+thread.
+
 Memory: the packed weight is an opaque oneDNN tensor, a second copy of the weight (the HF module
 keeps its own parameters: HF generate, the hook reference and training still use them). For the
 SmolLM2-135M shape that is +537 MB in fp32 (+268 MB in bf16): 106M layer weights + the 28M tied
@@ -86,11 +99,11 @@ KERNEL_MAX_ROWS = {
     (torch.bfloat16, torch.float32): 8,
 }
 """(weight dtype, activation dtype) -> the most rows (M = x.numel() // in_features) a call may have
-to run on the small-M kernel; more rows go to oneDNN / F.linear. See the table above."""
+to run on the small-M kernel; more rows go to oneDNN / F.linear. See the tables above."""
 
 KERNEL_MAX_ROWS_NO_PACKING = 1 << 30
 """The row limit where oneDNN cannot pack the weight's dtype (bf16 on AVX2-only CPUs): there the
-alternative is torch's bf16 F.linear, which the kernel beats at every M measured (table above)."""
+alternative is torch's bf16 F.linear, which the kernel beats at every M measured (3.1x at M=8 in the table above)."""
 
 KERNEL_THREADS = 0
 """Threads a kernel call uses, the caller included: 0 follows torch.get_num_threads() (read per
