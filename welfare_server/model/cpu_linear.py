@@ -49,9 +49,9 @@ same streamed pass, bench/bench_linear.py, bench/results/linear.csv; read roof ~
     bf16  M=1              26.5            (no packing)     20.9
     bf16  M=8             164.6            (no packing)     52.5
 
-The big shapes run near the roof on the kernel (lm_head fp32 93%, down 85%); the whole pass reaches
-56% because the small ones (o 576x576, qkv) are too short to amortise the wake-up of the second
-thread.
+At fp32 M=1 the kernel reads lm_head at 93% of the roof and down at 85%, but qkv, o and gate_up at
+61-69% (calls of 1.3-7 MB each), and the whole interleaved pass at 56%; where the rest of the
+small calls' time goes is not yet measured (the second thread's wake-up is the first suspect).
 
 Memory: the packed weight is an opaque oneDNN tensor, a second copy of the weight (the HF module
 keeps its own parameters: HF generate, the hook reference and training still use them). For the
