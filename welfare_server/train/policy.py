@@ -8,9 +8,14 @@ tolerance.
 
 Only the final hidden states at the answer positions go through the output head (15 rows per
 episode instead of ~1,300), and the head's output is cut to the four direction tokens.
+
+load_tokenizer() and check_model_tokens() refuse a model the maze cannot be played with (no chat
+template, directions that are not single tokens) before its weights are read.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -76,3 +81,34 @@ def check_moves(token_ids: list[list[int]], answer_positions: list[list[int]], a
             f"for the move the rollout sampled with log-prob {float(rollout_logp[i, t]):.6f} "
             f"(|difference| {float(diff[i, t]):.3g} > tolerance {tolerance:g})")
     return worst
+
+
+def load_tokenizer(name: str):
+    """The model's tokenizer, loaded before the model so a model the maze cannot use is refused
+    before its weights are read."""
+    from transformers import AutoTokenizer
+
+    from welfare_server.model.bundled import default_tokenizer_dir
+    from welfare_server.model.loading import BUNDLED_NAME, PRESETS
+
+    if name in PRESETS or name == BUNDLED_NAME:
+        return AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
+    path = Path(name).expanduser()
+    if not (path / "config.json").exists():
+        raise ValueError(f"TrainConfig.model: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}), "
+                         f"{BUNDLED_NAME!r}, nor a local Hugging Face directory with a config.json")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_model_tokens(tokenizer, maze_config):
+    """The maze's token table for this tokenizer; a clear error when the model lacks what the maze
+    needs: a chat template, and N, E, S, W as single tokens."""
+    from welfare_server.maze import MazeTokenTable
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("TrainConfig.model: the tokenizer has no chat template; the maze is played as a "
+                         "multi-turn chat (an instruct model's tokenizer is needed)")
+    try:
+        return MazeTokenTable.from_tokenizer(tokenizer, maze_config)
+    except ValueError as error:
+        raise ValueError(f"TrainConfig.model: {error}") from None

@@ -30,7 +30,8 @@ import torch
 from welfare_server.train import losses as L
 from welfare_server.train.config import TrainConfig
 from welfare_server.train.episodes import Episodes, group_batch, oracle_episodes, play
-from welfare_server.train.policy import LOGPROB_TOLERANCE, TokenMismatch, check_moves, move_logits
+from welfare_server.train.policy import (LOGPROB_TOLERANCE, TokenMismatch, check_model_tokens, check_moves,
+                                          load_tokenizer, move_logits)
 
 TIMING_KEYS = ("moves_per_s", "train_moves_per_s", "rollout_s", "update_s", "step_s", "eval_s")
 """Metrics that measure wall time: everything else a step logs is a function of (config, step)."""
@@ -53,37 +54,6 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     if v.numel() < 2:
         return float(v.mean()) if v.numel() else float("nan"), float("nan")
     return float(v.mean()), float(1.96 * v.std() / math.sqrt(v.numel()))
-
-
-def _load_tokenizer(name: str):
-    """The model's tokenizer, loaded before the model so a model the maze cannot use is refused
-    before its weights are read."""
-    from transformers import AutoTokenizer
-
-    from welfare_server.model.bundled import default_tokenizer_dir
-    from welfare_server.model.loading import BUNDLED_NAME, PRESETS
-
-    if name in PRESETS or name == BUNDLED_NAME:
-        return AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
-    path = Path(name).expanduser()
-    if not (path / "config.json").exists():
-        raise ValueError(f"TrainConfig.model: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}), "
-                         f"{BUNDLED_NAME!r}, nor a local Hugging Face directory with a config.json")
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def check_model_tokens(tokenizer, maze_config):
-    """The maze's token table for this tokenizer; a clear error when the model lacks what the maze
-    needs: a chat template, and N, E, S, W as single tokens."""
-    from welfare_server.maze import MazeTokenTable
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("TrainConfig.model: the tokenizer has no chat template; the maze is played as a "
-                         "multi-turn chat (an instruct model's tokenizer is needed)")
-    try:
-        return MazeTokenTable.from_tokenizer(tokenizer, maze_config)
-    except ValueError as error:
-        raise ValueError(f"TrainConfig.model: {error}") from None
 
 
 class Trainer:
@@ -120,7 +90,7 @@ class Trainer:
         self.steering = steering
         self.prepare_maze = prepare_maze
         # Everything that can be refused is checked before the weights are read.
-        self.tokenizer = loaded.tokenizer if loaded is not None else _load_tokenizer(c.model)
+        self.tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(c.model)
         self.table = check_model_tokens(self.tokenizer, c.maze)
         if self.steering is not None:
             from welfare_server.train.rollout import generation_header_ids
@@ -494,32 +464,10 @@ class Trainer:
         return path
 
     def export_policy(self, path: Path) -> Path:
-        """Write the current policy as a plain Hugging Face directory (config, tokenizer,
-        model.safetensors with the adapters merged), replaced atomically: load_model(path) then
-        serves or analyses exactly the weights the engine played the last rollouts with."""
-        import shutil
-        import tempfile
+        """Write the current policy as a plain Hugging Face directory (weights.export_policy)."""
+        from welfare_server.train.weights import export_policy
 
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self.weights.policy_state_dict()
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            tensors.pop("lm_head.weight", None)  # tied: loading re-ties it to the embedding
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self.model.config.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return export_policy(self.weights, self.model.config, self.tokenizer, path)
 
     def _resume_or_start(self) -> None:
         from welfare_server.train.checkpoint import (latest_checkpoint, load_optimizer_tensors, read_checkpoint,
