@@ -29,7 +29,7 @@ import torch
 from _common import RESULTS_DIR, append_rows, git_commit, machine_name, sync, utc_now  # bench/ is sys.path[0]
 from welfare_server.maze import MazeConfig
 from welfare_server.train.config import preset_config
-from welfare_server.train.episodes import group_batch, shard
+from welfare_server.train.episodes import shard
 from welfare_server.train.rollout import reference_rollout
 from welfare_server.train.trainer import Trainer, derive_seed
 
@@ -86,9 +86,7 @@ def main() -> None:
             # The same steps' mazes, played by the HF reference with the policy's merged weights.
             ref_s = 0.0
             for step in range(1, args.train_steps + 1):
-                maze = group_batch(config.maze, config.groups_per_step, config.group_size,
-                                   derive_seed(config.seed, "mazes", step))
-                sub = shard(maze, list(range(config.episodes_per_step)))
+                sub = shard(trainer.step_mazes(step), list(range(config.episodes_per_step)))
                 with trainer.weights.policy_model() as model:
                     sync(device)
                     t0 = time.perf_counter()

@@ -58,3 +58,23 @@ def running_server(tmp_path):
     for thread in started:
         with contextlib.suppress(Exception):
             thread.stop()
+
+
+def module_server(tmp_path_factory, **server):
+    """A generator for a module-scoped `server` fixture: one ServerThread on the tiny model with
+    its own registry, stopped after the module; server options override the test defaults."""
+    options = dict(port=0, extract_on_start=False, log_json=False,
+                   registry_root=str(tmp_path_factory.mktemp("vectors")))
+    options.update(server)
+    thread = ServerThread(tiny_model(), EngineConfig(**DEFAULT_ENGINE), ServerConfig(**options))
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A blocking client of the module's `server` fixture."""
+    from welfare_server.server.client import WelfareClient
+
+    with WelfareClient(server.address, timeout=120) as c:
+        yield c

@@ -11,12 +11,11 @@ import grpc
 import pytest
 import torch
 
-from tests.server.conftest import DEFAULT_ENGINE, ServerThread, tiny_model
+from tests.server.conftest import module_server
 from welfare_server.kernels import SteerMode
 from welfare_server.maze import GOLD, MazeBatch, MazeConfig, MazeTokenTable
-from welfare_server.model.engine import EngineConfig, Scope, SteeringSpec, SteeringTerm
+from welfare_server.model.engine import Scope, SteeringSpec, SteeringTerm
 from welfare_server.server.client import AsyncWelfareClient, WelfareClient
-from welfare_server.server.config import ServerConfig
 from welfare_server.server.errors import field_violations
 from welfare_server.server.proto import maze_pb2
 from welfare_server.train.rollout import RolloutConfig, play_episodes
@@ -27,17 +26,7 @@ MAX_ENVS = 64
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    thread = ServerThread(tiny_model(), EngineConfig(**DEFAULT_ENGINE),
-                          ServerConfig(port=0, extract_on_start=False, log_json=False, max_rollout_envs=MAX_ENVS,
-                                       registry_root=str(tmp_path_factory.mktemp("vectors"))))
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WelfareClient(server.address, timeout=120) as c:
-        yield c
+    yield from module_server(tmp_path_factory, max_rollout_envs=MAX_ENVS)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.server.conftest import DEFAULT_ENGINE, ServerThread, tiny_model
-from welfare_server.model.engine import EngineConfig
+from tests.server.conftest import module_server
 from welfare_server.server import wire
-from welfare_server.server.client import AsyncWelfareClient, WelfareClient
-from welfare_server.server.config import ServerConfig
+from welfare_server.server.client import AsyncWelfareClient
 from welfare_server.server.errors import field_violations
 from welfare_server.server.proto import common_pb2 as pb
 from welfare_server.server.proto import vectors_pb2 as vec
@@ -30,17 +28,7 @@ UNKNOWN_ID = "0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    thread = ServerThread(tiny_model(), EngineConfig(**DEFAULT_ENGINE),
-                          ServerConfig(port=0, extract_on_start=False, log_json=False,
-                                       registry_root=str(tmp_path_factory.mktemp("vectors"))))
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WelfareClient(server.address, timeout=120) as c:
-        yield c
+    yield from module_server(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

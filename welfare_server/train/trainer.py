@@ -180,11 +180,16 @@ class Trainer:
         self.weights.merge()
         self.engine.refresh_weights()
 
+    def step_mazes(self, step: int):
+        """The whole B x G maze batch of step `step` (fresh, every rank the same)."""
+        c = self.config
+        return group_batch(c.maze, c.groups_per_step, c.group_size, derive_seed(c.seed, "mazes", step),
+                           self.prepare_maze)
+
     def collect(self, step: int) -> Episodes:
         """This rank's episodes of step `step` (played by the current policy, or the oracle's for sft)."""
         c = self.config
-        maze = group_batch(c.maze, c.groups_per_step, c.group_size, derive_seed(c.seed, "mazes", step),
-                           self.prepare_maze)
+        maze = self.step_mazes(step)
         if c.algorithm == "sft":
             generator = torch.Generator().manual_seed(derive_seed(c.seed, "oracle", step, self.world.rank))
             return oracle_episodes(self.table, maze, self.local_envs, generator)
