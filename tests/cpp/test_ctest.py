@@ -45,6 +45,6 @@ def test_cpp_unit_tests_pass():
     _run([cmake, "--build", str(BUILD_DIR)], "cmake build of the C++ tests")
     output = _run([ctest, "--test-dir", str(BUILD_DIR), "--output-on-failure", "--timeout", "600"], "ctest")
     # An empty registry would pass vacuously: the suite must have run the known C++ tests.
-    for name in ("maze_rules", "maze_cpu_backend"):
+    for name in ("maze_rules", "maze_cpu_backend", "cpu_linear", "cpu_decode"):
         assert f" {name} " in output and "Passed" in output, f"ctest did not run {name}:\n{output}"
     assert "100% tests passed" in output, output

@@ -50,8 +50,12 @@ same streamed pass, bench/bench_linear.py, bench/results/linear.csv; read roof ~
     bf16  M=8             164.6            (no packing)     52.5
 
 At fp32 M=1 the kernel reads lm_head at 93% of the roof and down at 85%, but qkv, o and gate_up at
-61-69% (calls of 1.3-7 MB each), and the whole interleaved pass at 56%; where the rest of the
-small calls' time goes is not yet measured (the second thread's wake-up is the first suspect).
+61-69% (calls of 1.3-7 MB each), and the whole interleaved pass at 56%. Inside a real decode step
+the linears lost more: the step's linears alone, back to back, took 22.7 ms, but the whole step
+45 ms with only ~9 ms of other work. torch's OpenMP workers, spinning after each parallel region
+(SDPA's, per layer), took the second core from the kernel's pool. The step's other ops now run as
+single-threaded C++ calls (kernels/cpu_native.py), no OpenMP region runs inside a decode step, and
+the fp32 batch-1 step takes ~32 ms (bench_generate: 2.18x HF generate, was 1.58x).
 
 Memory: the packed weight is an opaque oneDNN tensor, a second copy of the weight (the HF module
 keeps its own parameters: HF generate, the hook reference and training still use them). For the

@@ -24,7 +24,7 @@ import inspect
 
 import torch
 
-from welfare_server.kernels import add_rmsnorm, rmsnorm, steer_rmsnorm
+from welfare_server.kernels import add_rmsnorm, cpu_native, rmsnorm, steer_rmsnorm
 from welfare_server.model.cpu_linear import make_linear
 from welfare_server.model.engine.taps import Taps
 from welfare_server.model.loading import FAST_PATH_FAMILIES
@@ -49,6 +49,11 @@ def _norm_weight(module, family: str, dtype):
 
 def _norm_eps(module) -> float:
     return float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+
+def _is_silu(act) -> bool:
+    """Whether the MLP's activation is SiLU (torch's module or transformers' SiLUActivation)."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 class DecoderLayer:
@@ -88,6 +93,7 @@ class DecoderLayer:
             window = getattr(config, "sliding_window", None)
         self.window = int(window) if window else None
         self.act = mlp.act_fn
+        self.act_is_silu = _is_silu(mlp.act_fn)
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.inter = mlp.gate_proj.weight.shape[0]
@@ -135,7 +141,12 @@ class DecoderLayer:
 
     def mlp(self, x):
         if self.fused:
-            g, u = self.gu_lin(x).split((self.inter, self.inter), dim=-1)
+            gu = self.gu_lin(x)
+            if self.act_is_silu:
+                a = cpu_native.silu_mul(gu, self.inter)
+                if a is not None:
+                    return self.down(a)
+            g, u = gu.split((self.inter, self.inter), dim=-1)
         else:
             g, u = self.lins[3](x), self.lins[4](x)
         return self.down(self.act(g) * u)
@@ -287,8 +298,11 @@ class ModelAdapter:
     @staticmethod
     def _rope_qk(x, cs):
         """HF's x*cos + rotate_half(x)*sin on x [T, heads, hd], bit for bit: rotate_half(x)*sin
-        = swap_halves(x) * [-sin_lo, sin_hi] (negation commutes exactly with the product)."""
+        = swap_halves(x) * [-sin_lo, sin_hi] (negation commutes exactly with the product). On CPU
+        the C++ op rotates x in place (the same roundings); elsewhere a new tensor."""
         cos, _, sin_signed = cs
+        if cpu_native.rope_qk_(x, cos, sin_signed):
+            return x
         T, H, hd = x.shape
         out = x * cos
         out += x.view(T, H, 2, hd // 2).flip(-2).view(T, H, hd) * sin_signed

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from welfare_server import kernels
+from welfare_server.kernels import cpu_native
 from welfare_server.model.engine.adapter import ModelAdapter
 from welfare_server.model.engine.attention import additive_mask, attends, gqa_attention, slot_rows
 from welfare_server.model.engine.config import EngineConfig
@@ -274,6 +275,10 @@ class ForwardPasses:
 
         def attend(i, lay, q, k, v):
             kc, vc = self.k_cache[i], self.v_cache[i]
+            if lay.softcap is None:
+                native = cpu_native.attend_decode(q, k, v, kc, vc, slots, pos, lay.window, lay.scaling)
+                if native is not None:
+                    return native
             kc[slots, :, pos] = k
             vc[slots, :, pos] = v
             return gqa_attention(lay, q, kc[cache_rows, :, :ctx], vc[cache_rows, :, :ctx],
