@@ -133,6 +133,9 @@ def test_calls_left_to_torch():
     odd = torch.randn(2, 3, 5)
     assert cpu_native.rope_qk_(odd, torch.ones(2, 5), torch.ones(2, 5)) is False  # odd head_dim
     assert cpu_native.silu_mul(torch.randn(2, 10), 4) is None  # not [rows, 2 * inter]
+    many = torch.randn(cpu_native.MAX_ROWS + 1, 8)
+    assert cpu_native.add_rmsnorm(many, None, torch.ones(8), 1e-5) is None  # a prefill's rows: torch's threads
+    assert cpu_native.add_rmsnorm(many[:cpu_native.MAX_ROWS], None, torch.ones(8), 1e-5) is not None
     cpu_native.USE_NATIVE = False
     try:
         assert not cpu_native.available()

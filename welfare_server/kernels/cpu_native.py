@@ -9,8 +9,8 @@ made ~9-10 ms of a 45 ms fp32 step at batch 1 (the linears' share, streamed at t
 speed, is ~23 ms).
 
 Each function returns None (or False) where its call is not for the C++ op: not built, not CPU,
-a dtype other than fp32 / bf16 (the same for every operand), a layout the op does not take, or
-autograd recording. The caller then runs its torch reference, which every op here matches
+a dtype other than fp32 / bf16 (the same for every operand), more than MAX_ROWS rows, a layout
+the op does not take, or autograd recording. The caller then runs its torch reference, which every op here matches
 (tests/kernels/test_cpu_native.py):
 
     add_rmsnorm / rmsnorm   kernels.steer_rmsnorm.rmsnorm_reference (after hidden + residual)
@@ -35,6 +35,10 @@ except ImportError:  # pragma: no cover - depends on the build
 USE_NATIVE = True
 """Run the ops below in C++ where they apply; False: every caller runs its torch reference
 (what the benchmarks compare against)."""
+
+MAX_ROWS = 16
+"""The most rows (tokens) a call may have to run in C++: the ops are single-threaded, built for a
+decode step's few rows; a prefill chunk's many rows run torch's ops, which use every thread."""
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -66,7 +70,7 @@ def add_rmsnorm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: tor
     if not _usable(*tensors) or hidden.dim() != 2 or not all(t.is_contiguous() for t in tensors):
         return None
     rows, D = hidden.shape
-    if weight.shape != (D,) or (residual is not None and residual.shape != hidden.shape):
+    if rows > MAX_ROWS or weight.shape != (D,) or (residual is not None and residual.shape != hidden.shape):
         return None
     y = torch.empty_like(hidden)
     if residual is None:
@@ -85,7 +89,7 @@ def rope_qk_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> bo
     if not _usable(x, cos, sin_signed) or x.dim() != 3:
         return False
     T, H, hd = x.shape
-    if x.stride(2) != 1 or x.stride(1) != hd or hd % 2 or cos.numel() != T * hd or sin_signed.numel() != T * hd:
+    if T > MAX_ROWS or x.stride(2) != 1 or x.stride(1) != hd or hd % 2 or cos.numel() != T * hd or sin_signed.numel() != T * hd:
         return False
     if not (cos.is_contiguous() and sin_signed.is_contiguous()):
         return False
@@ -96,7 +100,8 @@ def rope_qk_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> bo
 def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor | None:
     """silu(gate_up[:, :inter]) * gate_up[:, inter:] for contiguous [rows, 2 * inter]; None where
     not for the C++ op."""
-    if not _usable(gate_up) or gate_up.dim() != 2 or gate_up.shape[1] != 2 * inter or not gate_up.is_contiguous():
+    if (not _usable(gate_up) or gate_up.dim() != 2 or gate_up.shape[0] > MAX_ROWS or gate_up.shape[1] != 2 * inter
+            or not gate_up.is_contiguous()):
         return None
     out = gate_up.new_empty((gate_up.shape[0], inter))
     _ops.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], inter, _CODES[gate_up.dtype])
@@ -113,7 +118,7 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         return None
     B, H, hd = q.shape
     S, n_kv, T, _ = k_cache.shape
-    if (k.shape != (B, n_kv, hd) or v.shape != k.shape or k_cache.shape[3] != hd or v_cache.shape != k_cache.shape
+    if (B > MAX_ROWS or k.shape != (B, n_kv, hd) or v.shape != k.shape or k_cache.shape[3] != hd or v_cache.shape != k_cache.shape
             or H % n_kv):
         return None
     # One row stride for k and v (a size-1 dim's stride is arbitrary: any, when B == 1).

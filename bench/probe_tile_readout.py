@@ -1,0 +1,141 @@
+"""Where the maze prompt's tile-to-direction binding is readable in a model, and whether the model
+uses it: linear probes on the residual stream at the answer position of first-turn prompts.
+
+A policy improves in the maze only by moving toward the tile it wants, so the representation at
+the answer position must carry "which tile lies in which direction" and the move logits must
+read it. For N first-turn prompts of the paper's maze (MazeConfig defaults), the residual at the
+last prompt token is taken after every layer (HF forward, output_hidden_states) and a multinomial
+logistic regression (L2, full-batch L-BFGS) is fit on 75% of them for:
+  tile_north   the tile code to the north (Path / Mold / Gold; -1 outside never occurs at turn 1)
+  gold_move    the first direction in N, E, S, W order whose neighbour is Gold (prompts with a
+               Gold neighbour only)
+Held-out accuracy per layer is reported beside the majority-class rate of the same split, and
+beside the model's own move: how often its most likely move (over the four move tokens) is a
+Gold direction, against the share of Gold directions among the valid ones.
+
+Rows are appended to bench/results/tile_readout.csv (one per target and layer).
+
+    python bench/probe_tile_readout.py --model smollm2-135m-instruct --prompts 400
+    python bench/probe_tile_readout.py --model runs/train/policy --note "after training"
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
+from welfare_server.maze import GOLD, MazeBatch, MazeConfig
+from welfare_server.model.loading import load_model
+from welfare_server.train.policy import check_model_tokens
+
+FIELDS = ["date", "machine", "commit", "model", "prompts", "target", "layer", "heldout_accuracy",
+          "majority_rate", "model_move_gold_rate", "gold_share_of_valid", "note"]
+
+
+def first_turn_prompts(table, config: MazeConfig, n: int, seed: int):
+    """Token ids of n first-turn conversations (chat prefix + the user turn, as a rollout's first
+    prefill), their neighbours int [n, 4] and valid moves bool [n, 4]."""
+    maze = MazeBatch(config, n, seed=seed)
+    obs = maze.observe()
+    neighbours, valid = obs.neighbours.cpu().clone(), obs.valid.cpu().clone()
+    ids, lengths = maze.render_tokens(table)
+    ids, lengths = ids.cpu(), lengths.cpu()
+    prefix = list(table.conversation_prefix_ids)
+    prompts = [prefix + ids[i, :int(lengths[i])].tolist() for i in range(n)]
+    return prompts, neighbours, valid
+
+
+@torch.inference_mode()
+def answer_position_states(model, prompts: list[list[int]], move_ids: list[int], batch: int, pad_id: int):
+    """Residual [layers + 1, n, D] at each prompt's last token (after the embedding and after each
+    layer) and the four move tokens' logits [n, 4] there."""
+    states, logits = [], []
+    for start in range(0, len(prompts), batch):
+        part = prompts[start:start + batch]
+        width = max(len(p) for p in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for i, p in enumerate(part):
+            ids[i, :len(p)] = torch.tensor(p)
+            mask[i, :len(p)] = 1
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        last = torch.tensor([len(p) - 1 for p in part])
+        rows = torch.arange(len(part))
+        states.append(torch.stack([h[rows, last].float() for h in out.hidden_states]))
+        logits.append(out.logits[rows, last][:, move_ids].float())
+    return torch.cat(states, dim=1), torch.cat(logits)
+
+
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, classes: int, l2: float) -> float:
+    """Held-out accuracy of an L2-regularised multinomial logistic regression on standardised x."""
+    test = ~train
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z[train] @ w + b, y[train]) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((z[test] @ w + b).argmax(1) == y[test]).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--l2", type=float, default=1e-3)
+    ap.add_argument("--out", default=str(RESULTS_DIR / "tile_readout.csv"))
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+
+    started = time.perf_counter()
+    lm = load_model(args.model, dtype="float32", device="cpu")
+    config = MazeConfig()
+    table = check_model_tokens(lm.tokenizer, config)
+    prompts, neighbours, valid = first_turn_prompts(table, config, args.prompts, args.seed)
+    states, move_logits = answer_position_states(lm.model, prompts, table.action_token_ids, args.batch, table.pad_id)
+    print(f"{len(prompts)} prompts, {states.shape[0]} residual points, {time.perf_counter() - started:.0f}s")
+
+    is_gold = (neighbours == GOLD) & valid
+    chosen = move_logits.masked_fill(~valid, float("-inf")).argmax(1)
+    model_gold = float(is_gold[torch.arange(len(prompts)), chosen].float().mean())
+    gold_share = float(is_gold.sum() / valid.sum())
+    split = torch.Generator().manual_seed(args.seed)
+    train = torch.rand(len(prompts), generator=split) < 0.75
+
+    has_gold = is_gold.any(1)
+    targets = {"tile_north": (neighbours[:, 0].long(), torch.ones(len(prompts), dtype=torch.bool), 3),
+               "gold_move": (is_gold.float().argmax(1), has_gold, 4)}
+    rows = []
+    common = dict(date=utc_now(), machine=machine_name("cpu"), commit=git_commit(), model=args.model,
+                  prompts=len(prompts), model_move_gold_rate=round(model_gold, 4),
+                  gold_share_of_valid=round(gold_share, 4), note=args.note)
+    for name, (y, keep, classes) in targets.items():
+        x_all, y_k, train_k = states[:, keep], y[keep], train[keep]
+        majority = float((y_k[~train_k] == torch.mode(y_k[train_k]).values).float().mean())
+        for layer in range(states.shape[0]):
+            acc = probe_accuracy(x_all[layer], y_k, train_k, classes, args.l2)
+            rows.append(dict(common, target=name, layer=layer, heldout_accuracy=round(acc, 4),
+                             majority_rate=round(majority, 4)))
+            print(f"{name:10s} layer {layer:2d}: held-out accuracy {acc:.3f} (majority {majority:.3f})")
+    print(f"the model's own most likely move is a Gold direction in {model_gold:.3f} of prompts; "
+          f"Gold is {gold_share:.3f} of the valid directions")
+    append_rows(args.out, FIELDS, rows)
+    print(f"appended {len(rows)} rows to {args.out} ({time.perf_counter() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
