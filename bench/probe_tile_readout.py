@@ -5,13 +5,12 @@ A policy improves in the maze only by moving toward the tile it wants, so the re
 the answer position must carry "which tile lies in which direction" and the move logits must
 read it. For N first-turn prompts of the paper's maze (MazeConfig defaults), the residual at the
 last prompt token is taken after every layer (HF forward, output_hidden_states) and a multinomial
-logistic regression (L2, full-batch L-BFGS) is fit on 75% of them for:
-  tile_north   the tile code to the north (Path / Mold / Gold; -1 outside never occurs at turn 1)
-  gold_move    the first direction in N, E, S, W order whose neighbour is Gold (prompts with a
-               Gold neighbour only)
+logistic regression (L2, full-batch L-BFGS) is fit on 75% of them for each of:
+  tile_N, tile_E, tile_S, tile_W   the tile code in that direction (Path / Mold / Gold)
 Held-out accuracy per layer is reported beside the majority-class rate of the same split, and
-beside the model's own move: how often its most likely move (over the four move tokens) is a
-Gold direction, against the share of Gold directions among the valid ones.
+beside the model's own move: how often its most likely move (over the four move tokens, valid
+moves only) leads onto Mold and onto Gold, against those tiles' shares of the valid directions
+(a model that ignores the tiles moves onto each at about its share).
 
 Rows are appended to bench/results/tile_readout.csv (one per target and layer).
 
@@ -27,12 +26,13 @@ import time
 import torch
 
 from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
-from welfare_server.maze import GOLD, MazeBatch, MazeConfig
+from welfare_server.maze import GOLD, MOLD, MazeBatch, MazeConfig
 from welfare_server.model.loading import load_model
 from welfare_server.train.policy import check_model_tokens
 
 FIELDS = ["date", "machine", "commit", "model", "prompts", "target", "layer", "heldout_accuracy",
-          "majority_rate", "model_move_gold_rate", "gold_share_of_valid", "note"]
+          "majority_rate", "model_move_mold_rate", "mold_share_of_valid", "model_move_gold_rate",
+          "gold_share_of_valid", "note"]
 
 
 def first_turn_prompts(table, config: MazeConfig, n: int, seed: int):
@@ -109,30 +109,30 @@ def main() -> None:
     states, move_logits = answer_position_states(lm.model, prompts, table.action_token_ids, args.batch, table.pad_id)
     print(f"{len(prompts)} prompts, {states.shape[0]} residual points, {time.perf_counter() - started:.0f}s")
 
-    is_gold = (neighbours == GOLD) & valid
     chosen = move_logits.masked_fill(~valid, float("-inf")).argmax(1)
-    model_gold = float(is_gold[torch.arange(len(prompts)), chosen].float().mean())
-    gold_share = float(is_gold.sum() / valid.sum())
+    rates = {}
+    for tile, name in ((MOLD, "mold"), (GOLD, "gold")):
+        onto = (neighbours == tile) & valid
+        rates[f"model_move_{name}_rate"] = round(float(onto[torch.arange(len(prompts)), chosen].float().mean()), 4)
+        rates[f"{name}_share_of_valid"] = round(float(onto.sum() / valid.sum()), 4)
     split = torch.Generator().manual_seed(args.seed)
     train = torch.rand(len(prompts), generator=split) < 0.75
-
-    has_gold = is_gold.any(1)
-    targets = {"tile_north": (neighbours[:, 0].long(), torch.ones(len(prompts), dtype=torch.bool), 3),
-               "gold_move": (is_gold.float().argmax(1), has_gold, 4)}
     rows = []
     common = dict(date=utc_now(), machine=machine_name("cpu"), commit=git_commit(), model=args.model,
-                  prompts=len(prompts), model_move_gold_rate=round(model_gold, 4),
-                  gold_share_of_valid=round(gold_share, 4), note=args.note)
-    for name, (y, keep, classes) in targets.items():
-        x_all, y_k, train_k = states[:, keep], y[keep], train[keep]
-        majority = float((y_k[~train_k] == torch.mode(y_k[train_k]).values).float().mean())
+                  prompts=len(prompts), note=args.note, **rates)
+    for d, letter in enumerate("NESW"):
+        y = neighbours[:, d].long()
+        majority = float((y[~train] == torch.mode(y[train]).values).float().mean())
         for layer in range(states.shape[0]):
-            acc = probe_accuracy(x_all[layer], y_k, train_k, classes, args.l2)
-            rows.append(dict(common, target=name, layer=layer, heldout_accuracy=round(acc, 4),
+            acc = probe_accuracy(states[layer], y, train, 3, args.l2)
+            rows.append(dict(common, target=f"tile_{letter}", layer=layer, heldout_accuracy=round(acc, 4),
                              majority_rate=round(majority, 4)))
-            print(f"{name:10s} layer {layer:2d}: held-out accuracy {acc:.3f} (majority {majority:.3f})")
-    print(f"the model's own most likely move is a Gold direction in {model_gold:.3f} of prompts; "
-          f"Gold is {gold_share:.3f} of the valid directions")
+        best = max(rows[-states.shape[0]:], key=lambda r: r["heldout_accuracy"])
+        print(f"tile_{letter}: best held-out accuracy {best['heldout_accuracy']:.3f} at layer {best['layer']}, "
+              f"last layer {rows[-1]['heldout_accuracy']:.3f} (majority {majority:.3f})")
+    print(f"the model's most likely move leads onto Mold in {rates['model_move_mold_rate']:.3f} of prompts "
+          f"(Mold is {rates['mold_share_of_valid']:.3f} of the valid directions), onto Gold in "
+          f"{rates['model_move_gold_rate']:.3f} (Gold {rates['gold_share_of_valid']:.3f})")
     append_rows(args.out, FIELDS, rows)
     print(f"appended {len(rows)} rows to {args.out} ({time.perf_counter() - started:.0f}s)")
 
