@@ -8,24 +8,13 @@
 #include <vector>
 
 #include "cpu_decode/ops.h"
+#include "cpu_linear/expect.h"
 
 using namespace ws::cpu_decode;
 using ws::cpu_linear::bf16_to_float;
 using ws::cpu_linear::float_to_bf16;
 
 namespace {
-
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                       \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++g_failures;                                             \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-    }                                                           \
-  } while (0)
 
 // Values held in one dtype: `f` is what the storage reads back as, `raw` the storage itself.
 struct Buf {

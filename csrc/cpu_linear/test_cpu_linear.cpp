@@ -13,22 +13,11 @@
 #include <vector>
 
 #include "cpu_linear/linear.h"
+#include "cpu_linear/expect.h"
 
 using namespace ws::cpu_linear;
 
 namespace {
-
-int g_failures = 0;
-
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      ++g_failures;                                         \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                    \
-      std::fprintf(stderr, "\n");                           \
-    }                                                       \
-  } while (0)
 
 struct Case {
   int64_t M, I, O;

@@ -55,7 +55,7 @@ the linears lost more: the step's linears alone, back to back, took 22.7 ms, but
 45 ms with only ~9 ms of other work. torch's OpenMP workers, spinning after each parallel region
 (SDPA's, per layer), took the second core from the kernel's pool. The step's other ops now run as
 single-threaded C++ calls (kernels/cpu_native.py), no OpenMP region runs inside a decode step, and
-the fp32 batch-1 step takes ~32 ms (bench_generate: 2.18x HF generate, was 1.58x).
+the fp32 batch-1 step takes ~32 ms (bench_generate: 2.12x HF generate, was 1.58x).
 
 Memory: the packed weight is an opaque oneDNN tensor, a second copy of the weight (the HF module
 keeps its own parameters: HF generate, the hook reference and training still use them). For the
