@@ -21,8 +21,8 @@ from welfare_server.kernels.modes import MAX_MONITORS, MAX_PROJ, MAX_TERMS, MAX_
 from welfare_server.kernels.rows import HAS_TRITON
 from welfare_server.kernels.steer import steer_reference, steer_triton
 from welfare_server.kernels.steer_rmsnorm import (add_rmsnorm_cpu, add_rmsnorm_triton, rmsnorm_cpu,
-                                                  rmsnorm_reference, rmsnorm_triton, steer_rmsnorm_reference,
-                                                  steer_rmsnorm_triton)
+                                                  rmsnorm_reference, rmsnorm_triton, steer_rmsnorm_cpu,
+                                                  steer_rmsnorm_reference, steer_rmsnorm_triton)
 
 __all__ = ["SteerMode", "MAX_TERMS", "MAX_MONITORS", "MAX_PROJ", "MAX_TRITON_D", "steer",
            "steer_rmsnorm", "rmsnorm", "add_rmsnorm", "capture", "validate_terms", "steer_reference",
@@ -77,7 +77,7 @@ def steer_rmsnorm(hidden, bank, term_vector, term_coef, term_mode, norm_weight, 
         _checks.check_out(out, hidden)
     if normed_out is not None:
         _checks.check_out(normed_out, hidden, "normed_out", torch.promote_types(hidden.dtype, norm_weight.dtype))
-    fn = steer_rmsnorm_triton if _use_triton(use_triton, hidden, True) else steer_rmsnorm_reference
+    fn = steer_rmsnorm_triton if _use_triton(use_triton, hidden, True) else steer_rmsnorm_cpu
     return fn(hidden, bank, term_vector, term_coef, term_mode, norm_weight, eps, out=out,
               normed_out=normed_out, monitor=monitor, monitor_post=monitor_post, residual=residual)
 
