@@ -10,8 +10,8 @@ speed, is ~23 ms).
 
 Each function returns None (or False) where its call is not for the C++ op: not built, not CPU,
 a dtype other than fp32 / bf16 (the same for every operand), more than MAX_ROWS rows, a layout
-the op does not take, or autograd recording. The caller then runs its torch reference, which every op here matches
-(tests/kernels/test_cpu_native.py):
+the op does not take, or autograd recording. The caller then runs its torch reference, which
+every op here matches (tests/kernels/test_cpu_native.py):
 
     add_rmsnorm / rmsnorm   kernels.steer_rmsnorm.rmsnorm_reference (after hidden + residual)
     rope_qk_                model.engine.adapter.ModelAdapter._rope_qk
@@ -73,7 +73,8 @@ def add_rmsnorm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: tor
         return None
     y = torch.empty_like(hidden)
     if residual is None:
-        _ops.add_rmsnorm(hidden.data_ptr(), 0, 0, weight.data_ptr(), y.data_ptr(), rows, D, eps, _CODES[hidden.dtype])
+        _ops.add_rmsnorm(hidden.data_ptr(), 0, 0, weight.data_ptr(), y.data_ptr(), rows, D, eps,
+                         _CODES[hidden.dtype])
         return hidden, y
     summed = torch.empty_like(hidden)
     _ops.add_rmsnorm(hidden.data_ptr(), residual.data_ptr(), summed.data_ptr(), weight.data_ptr(), y.data_ptr(),
@@ -88,9 +89,9 @@ def rope_qk_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> bo
     if not _usable(x, cos, sin_signed) or x.dim() != 3:
         return False
     T, H, hd = x.shape
-    if T > MAX_ROWS or x.stride(2) != 1 or x.stride(1) != hd or hd % 2 or cos.numel() != T * hd or sin_signed.numel() != T * hd:
+    if T > MAX_ROWS or x.stride(2) != 1 or x.stride(1) != hd or hd % 2:
         return False
-    if not (cos.is_contiguous() and sin_signed.is_contiguous()):
+    if not (cos.numel() == sin_signed.numel() == T * hd and cos.is_contiguous() and sin_signed.is_contiguous()):
         return False
     _ops.rope_inplace(x.data_ptr(), T, x.stride(0), H, hd, cos.data_ptr(), sin_signed.data_ptr(), _CODES[x.dtype])
     return True
@@ -107,8 +108,9 @@ def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor | None:
     return out
 
 
-def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slots: torch.Tensor, positions: torch.Tensor, window: int | None, scale: float) -> torch.Tensor | None:
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, window: int | None,
+                  scale: float) -> torch.Tensor | None:
     """One new token per row: writes k / v [B, n_kv, hd] into the layer's caches [S, n_kv, T, hd]
     at (slots[b], positions[b]), then returns the attention [B, n_heads * hd] of q [B, n_heads, hd]
     over each row's cached positions <= its own (within the sliding window). None (nothing
@@ -117,8 +119,8 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         return None
     B, H, hd = q.shape
     S, n_kv, T, _ = k_cache.shape
-    if (B > MAX_ROWS or k.shape != (B, n_kv, hd) or v.shape != k.shape or k_cache.shape[3] != hd or v_cache.shape != k_cache.shape
-            or H % n_kv):
+    if (B > MAX_ROWS or k.shape != (B, n_kv, hd) or v.shape != k.shape or k_cache.shape[3] != hd
+            or v_cache.shape != k_cache.shape or H % n_kv):
         return None
     # One row stride for k and v (a size-1 dim's stride is arbitrary: any, when B == 1).
     if (q.stride(2) != 1 or q.stride(1) != hd or k.stride()[1:] != (hd, 1) or v.stride()[1:] != (hd, 1)
