@@ -78,25 +78,20 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
-                     meta: dict) -> Path:
-    """Write checkpoint `step` under root/checkpoints atomically; returns its directory."""
-    base = Path(root) / "checkpoints"
+def replace_directory(final: Path, fill) -> Path:
+    """Make directory `final` hold what fill(tmp) writes into a temporary sibling, atomically:
+    the sibling is fsynced and renamed into place; an existing `final` is moved aside first and
+    deleted once the new one is in place, so a reader sees the old directory or the new one."""
+    final = Path(final)
+    base = final.parent
     base.mkdir(parents=True, exist_ok=True)
-    final = base / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
     try:
-        _save(weights, tmp / "weights.safetensors")
-        _save(optimizer, tmp / "optimizer.safetensors")
-        _save(rng_tensors(), tmp / "rng.safetensors")
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
+        fill(tmp)
         _fsync_dir(tmp)
         stale = None
-        if final.exists():  # a rerun of the same step: moved aside, deleted once the new one is in place
-            stale = Path(tempfile.mkdtemp(prefix=f".stale_{step:06d}.", dir=base))
+        if final.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".stale_{final.name}.", dir=base))
             os.replace(final, stale / final.name)
         os.replace(tmp, final)
         _fsync_dir(base)
@@ -105,6 +100,25 @@ def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], op
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def write_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
+                     meta: dict) -> Path:
+    """Write checkpoint `step` under root/checkpoints atomically (a rerun of the same step replaces
+    it); returns its directory."""
+    base = Path(root) / "checkpoints"
+
+    def fill(tmp: Path) -> None:
+        _save(weights, tmp / "weights.safetensors")
+        _save(optimizer, tmp / "optimizer.safetensors")
+        _save(rng_tensors(), tmp / "rng.safetensors")
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    final = replace_directory(base / f"step_{step:06d}", fill)
     pointer = base / ".latest.tmp"
     with open(pointer, "w") as f:
         f.write(final.name + "\n")

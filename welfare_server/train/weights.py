@@ -213,29 +213,21 @@ class LoraWeights:
 
 def export_policy(weights, model_config, tokenizer, path) -> "Path":
     """Write the policy `weights` compute as a plain Hugging Face directory (config, tokenizer,
-    model.safetensors with any adapters merged), replaced atomically: load_model(path) then serves
-    or analyses exactly the weights the engine played the last rollouts with."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
+    model.safetensors with any adapters merged), replaced atomically (checkpoint.replace_directory):
+    load_model(path) then serves or analyses exactly the weights the engine played the last
+    rollouts with."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from welfare_server.train.checkpoint import replace_directory
+
     tensors = weights.policy_state_dict()
     if getattr(model_config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # tied: loading re-ties it to the embedding
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def fill(tmp) -> None:
         model_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return replace_directory(path, fill)
