@@ -286,7 +286,11 @@ PRESETS: dict[str, dict] = {
     # this learning rate), adapters on the upper two thirds of the layers. Measured (bench/results/
     # train_runs.csv): at this budget the held-out Gold and Mold do not change beyond their 95%
     # CIs; the untrained policy's moves do not depend on the tiles at all, and reading the
-    # direction-to-glyph binding from the prompt takes more experience than 128 episodes.
+    # direction-to-glyph binding from the prompt takes more experience than 128 episodes. What a
+    # new readout of the model's own features could reach bounds what a short run can learn
+    # (bench/probe_policy_ceiling.py, policy_ceiling.csv): fit noise-free on 1,024 first moves,
+    # the best linear readout of the answer-position residual moves onto Gold 0.09-0.12 of the
+    # time (the model 0.088), a 256-unit MLP 0.12-0.15; doubling needs ~0.18.
     "cpu-demo": dict(
         model="smollm2-135m-instruct", device="cpu", dtype="float32", algorithm="reinforce", steps=16,
         groups_per_step=2, group_size=4, temperature=1.0, gamma=0.0, finetune="lora", lora_rank=16,
