@@ -24,16 +24,13 @@ of moving onto Mold and onto Gold, beside those tiles' shares of the valid direc
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from _common import RESULTS_DIR, append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
-from probe_tile_readout import answer_position_states, first_turn_prompts
-from welfare_server.maze import GOLD, MOLD, MazeConfig
-from welfare_server.model.loading import load_model
-from welfare_server.train.policy import check_model_tokens
+from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
+from probe_tile_readout import first_turn_arguments, first_turn_readings
+from welfare_server.maze import GOLD, MOLD
 
 FIELDS = ["date", "machine", "commit", "model", "prompts", "train_prompts", "readout", "layer",
           "heldout_mold_rate", "heldout_gold_rate", "train_mold_rate", "train_gold_rate",
@@ -119,27 +116,16 @@ def visible_best(neighbours, valid) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=1280)
+    ap = first_turn_arguments(__doc__, prompts=1280, seed=1234, l2=1e-2, out="policy_ceiling.csv")
     ap.add_argument("--train-share", type=float, default=0.8)
     ap.add_argument("--layers", default="16,24,30",
                     help="residual points: l < L is the residual entering block l, L the final norm's output")
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--l2", type=float, default=1e-2)
     ap.add_argument("--mlp-iterations", type=int, default=600)
-    ap.add_argument("--out", default=str(RESULTS_DIR / "policy_ceiling.csv"))
-    ap.add_argument("--note", default="")
     args = ap.parse_args()
 
     started = time.perf_counter()
-    lm = load_model(args.model, dtype="float32", device="cpu")
-    config = MazeConfig()
-    table = check_model_tokens(lm.tokenizer, config)
-    prompts, neighbours, valid = first_turn_prompts(table, config, args.prompts, args.seed)
-    states, model_logits = answer_position_states(lm.model, prompts, table.action_token_ids, args.batch, table.pad_id)
-    print(f"{len(prompts)} prompts, {states.shape[0]} residual points, {time.perf_counter() - started:.0f}s")
+    prompts, neighbours, valid, states, model_logits = first_turn_readings(args.model, args.prompts, args.seed,
+                                                                           args.batch)
     layers = [int(x) for x in args.layers.split(",")]
     if min(layers) < 0 or max(layers) >= states.shape[0]:
         raise SystemExit(f"--layers: points are 0..{states.shape[0] - 1}")

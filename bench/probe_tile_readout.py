@@ -69,6 +69,33 @@ def answer_position_states(model, prompts: list[list[int]], move_ids: list[int],
     return torch.cat(states, dim=1), torch.cat(logits)
 
 
+def first_turn_arguments(description: str, *, prompts: int, seed: int, l2: float, out: str):
+    """The options both first-turn probes take (model, prompt set, batch, L2, output CSV, note)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--seed", type=int, default=seed)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--l2", type=float, default=l2)
+    ap.add_argument("--out", default=str(RESULTS_DIR / out))
+    ap.add_argument("--note", default="")
+    return ap
+
+
+def first_turn_readings(model_name: str, n: int, seed: int, batch: int):
+    """Load model_name (fp32, CPU), render n first-turn prompts of the paper's maze and read the
+    model at their answer position: (prompts, neighbours [n, 4], valid [n, 4], residual
+    [layers + 1, n, D], move logits [n, 4]); prints how long it took."""
+    started = time.perf_counter()
+    lm = load_model(model_name, dtype="float32", device="cpu")
+    config = MazeConfig()
+    table = check_model_tokens(lm.tokenizer, config)
+    prompts, neighbours, valid = first_turn_prompts(table, config, n, seed)
+    states, move_logits = answer_position_states(lm.model, prompts, table.action_token_ids, batch, table.pad_id)
+    print(f"{len(prompts)} prompts, {states.shape[0]} residual points, {time.perf_counter() - started:.0f}s")
+    return prompts, neighbours, valid, states, move_logits
+
+
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, classes: int, l2: float) -> float:
     """Held-out accuracy of an L2-regularised multinomial logistic regression on standardised x."""
     test = ~train
@@ -91,23 +118,12 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, classe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=400)
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--l2", type=float, default=1e-3)
-    ap.add_argument("--out", default=str(RESULTS_DIR / "tile_readout.csv"))
-    ap.add_argument("--note", default="")
+    ap = first_turn_arguments(__doc__, prompts=400, seed=7, l2=1e-3, out="tile_readout.csv")
     args = ap.parse_args()
 
     started = time.perf_counter()
-    lm = load_model(args.model, dtype="float32", device="cpu")
-    config = MazeConfig()
-    table = check_model_tokens(lm.tokenizer, config)
-    prompts, neighbours, valid = first_turn_prompts(table, config, args.prompts, args.seed)
-    states, move_logits = answer_position_states(lm.model, prompts, table.action_token_ids, args.batch, table.pad_id)
-    print(f"{len(prompts)} prompts, {states.shape[0]} residual points, {time.perf_counter() - started:.0f}s")
+    prompts, neighbours, valid, states, move_logits = first_turn_readings(args.model, args.prompts, args.seed,
+                                                                          args.batch)
 
     chosen = move_logits.masked_fill(~valid, float("-inf")).argmax(1)
     rates = {}
