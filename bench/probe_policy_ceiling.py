@@ -3,12 +3,11 @@ the ceiling of a policy that learns to read what the model already computes.
 
 Training in the maze improves a policy only by making its move depend on the tiles its prompt
 shows. The cheapest change, and the one a small budget of updates can make, is a new readout of
-the residual at the answer position (a LoRA on the upper layers or on the head does little
-more). This measures what the best such readout achieves, with noise-free supervision: for N
+the residual at the answer position (adapters on the last layers mostly act as one). This measures what the best such readout achieves, with noise-free supervision: for N
 first-turn prompts of the paper's maze, readouts of the residual at the last prompt token are fit
 on a share of them to maximise the expected reward of the first move exactly (the softmax over the
-valid moves, each move scored by the tile it enters: Mold -10, Gold +20, Path 0; the step cost is
-the same for every move), and scored on the rest:
+valid moves, each move scored by the tile it enters, MazeConfig's rewards: Mold -10, Gold +20,
+Path 0; the step cost is the same for every move), and scored on the rest:
 
   model       the model's own move distribution (temperature 1), nothing fit
   bias        the best context-free policy: one logit per direction (N, E, S, W)
@@ -30,23 +29,20 @@ import torch
 
 from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
 from probe_tile_readout import first_turn_arguments, first_turn_readings
-from welfare_server.maze import GOLD, MOLD
+from welfare_server.maze import GOLD, MOLD, MazeConfig
 
 FIELDS = ["date", "machine", "commit", "model", "prompts", "train_prompts", "readout", "layer",
           "heldout_mold_rate", "heldout_gold_rate", "train_mold_rate", "train_gold_rate",
           "mold_share_of_valid", "gold_share_of_valid", "note"]
 
-TILE_REWARD = {MOLD: -10.0, GOLD: 20.0}
-"""Reward of entering each tile type, beside the step cost every move pays (MazeConfig's defaults;
-Path 0)."""
-
-
-def move_rewards(neighbours: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Reward [n, 4] of each move (0 where the move is not valid), scaled to unit Mold penalty so
-    the objective's gradients are of order one."""
+def move_rewards(neighbours: torch.Tensor, valid: torch.Tensor, config: MazeConfig) -> torch.Tensor:
+    """Reward [n, 4] of entering each move's tile (0 where the move is not valid; the step cost is
+    the same for every move), scaled to a unit Mold penalty so the objective's gradients are of
+    order one."""
+    scale = abs(config.mold_reward) or 1.0
     reward = torch.zeros(neighbours.shape)
-    for tile, value in TILE_REWARD.items():
-        reward[neighbours == tile] = value / abs(TILE_REWARD[MOLD])
+    reward[neighbours == MOLD] = config.mold_reward / scale
+    reward[neighbours == GOLD] = config.gold_reward / scale
     return torch.where(valid, reward, torch.zeros_like(reward))
 
 
@@ -132,7 +128,7 @@ def main() -> None:
 
     train = torch.arange(len(prompts)) < int(args.train_share * len(prompts))
     test = ~train
-    reward = move_rewards(neighbours, valid)
+    reward = move_rewards(neighbours, valid, MazeConfig())
     shares = {f"{name}_share_of_valid": round(float(((neighbours == tile) & valid).sum() / valid.sum()), 4)
               for tile, name in ((MOLD, "mold"), (GOLD, "gold"))}
     common = dict(date=utc_now(), machine=machine_name("cpu"), commit=git_commit(), model=args.model,
