@@ -290,7 +290,9 @@ PRESETS: dict[str, dict] = {
     # new readout of the model's own features could reach bounds what a short run can learn
     # (bench/probe_policy_ceiling.py, policy_ceiling.csv): fit noise-free on 1,024 first moves,
     # the best linear readout of the answer-position residual moves onto Gold 0.09-0.12 of the
-    # time (the model 0.088), a 256-unit MLP 0.12-0.15; doubling needs ~0.18.
+    # time (the model 0.088), a 256-unit MLP 0.12-0.15; doubling needs ~0.18. Adapters on the
+    # upper blocks trained on those exact first-move rewards (bench/probe_lora_first_move.py)
+    # either collapse onto the best direction bias or barely move in 60 updates.
     "cpu-demo": dict(
         model="smollm2-135m-instruct", device="cpu", dtype="float32", algorithm="reinforce", steps=16,
         groups_per_step=2, group_size=4, temperature=1.0, gamma=0.0, finetune="lora", lora_rank=16,
