@@ -26,9 +26,9 @@ import time
 import torch
 
 from _common import append_rows, git_commit, machine_name, utc_now  # bench/ is sys.path[0]
-from probe_policy_ceiling import move_rewards, onto_rates
+from probe_policy_ceiling import move_rewards, onto_rates, valid_shares
 from probe_tile_readout import first_turn_arguments, first_turn_prompts
-from welfare_server.maze import GOLD, MOLD, MazeConfig
+from welfare_server.maze import MazeConfig
 from welfare_server.model.loading import load_model
 from welfare_server.train.losses import entropy, equalised_entropy
 from welfare_server.train.policy import check_model_tokens, pad_batch
@@ -110,8 +110,7 @@ def main() -> None:
                                            move_ids)
     print(f"{len(prompts)} prompts, residual cached at blocks {sorted({k for k, _, _ in runs})}, "
           f"{time.perf_counter() - started:.0f}s")
-    shares = {f"{name}_share_of_valid": round(float(((neighbours == tile) & valid).sum() / valid.sum()), 4)
-              for tile, name in ((MOLD, "mold"), (GOLD, "gold"))}
+    shares = valid_shares(neighbours, valid)
     common = dict(date=utc_now(), machine=machine_name("cpu"), commit=git_commit(), model=args.model,
                   prompts=len(prompts), train_prompts=n_train, rank=args.rank, batch=args.train_batch,
                   note=args.note, **shares)

@@ -46,6 +46,13 @@ def move_rewards(neighbours: torch.Tensor, valid: torch.Tensor, config: MazeConf
     return torch.where(valid, reward, torch.zeros_like(reward))
 
 
+def valid_shares(neighbours: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    """Mold's and Gold's shares of the valid directions (what a policy blind to the tiles enters),
+    as the CSV columns mold_share_of_valid / gold_share_of_valid."""
+    return {f"{name}_share_of_valid": round(float(((neighbours == tile) & valid).sum() / valid.sum()), 4)
+            for tile, name in ((MOLD, "mold"), (GOLD, "gold"))}
+
+
 def expected_reward(logits: torch.Tensor, valid: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
     """Mean over prompts of the expected reward of the softmax policy over the valid moves."""
     probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
@@ -129,8 +136,7 @@ def main() -> None:
     train = torch.arange(len(prompts)) < int(args.train_share * len(prompts))
     test = ~train
     reward = move_rewards(neighbours, valid, MazeConfig())
-    shares = {f"{name}_share_of_valid": round(float(((neighbours == tile) & valid).sum() / valid.sum()), 4)
-              for tile, name in ((MOLD, "mold"), (GOLD, "gold"))}
+    shares = valid_shares(neighbours, valid)
     common = dict(date=utc_now(), machine=machine_name("cpu"), commit=git_commit(), model=args.model,
                   prompts=len(prompts), train_prompts=int(train.sum()), note=args.note, **shares)
     rows = []

@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <stdexcept>
 
 #include "cpu_decode/ops.h"
 
@@ -13,12 +12,6 @@ namespace py = pybind11;
 using namespace ws::cpu_decode;
 
 namespace {
-
-DType parse_dtype(int code) {
-  if (code == 0) return DType::kF32;
-  if (code == 1) return DType::kBF16;
-  throw std::invalid_argument("cpu_decode: dtype code must be 0 (float32) or 1 (bfloat16)");
-}
 
 template <typename T>
 T* p(uintptr_t a) {
@@ -29,13 +22,13 @@ T* p(uintptr_t a) {
 
 PYBIND11_MODULE(_cpu_decode, m) {
   m.doc() = "The non-linear ops of a CPU decode step on raw host pointers (single-threaded)";
-  m.attr("FLOAT32") = 0;
-  m.attr("BFLOAT16") = 1;
+  m.attr("FLOAT32") = static_cast<int>(DType::kF32);
+  m.attr("BFLOAT16") = static_cast<int>(DType::kBF16);
   m.def(
       "add_rmsnorm",
       [](uintptr_t h, uintptr_t res, uintptr_t sum, uintptr_t w, uintptr_t y, int64_t rows, int64_t D, float eps,
          int dtype) {
-        const DType dt = parse_dtype(dtype);
+        const DType dt = ws::cpu_linear::dtype_from_code(dtype);
         py::gil_scoped_release release;
         add_rmsnorm(p<const void>(h), p<const void>(res), p<void>(sum), p<const void>(w), p<void>(y), rows, D, eps, dt);
       },
@@ -45,7 +38,7 @@ PYBIND11_MODULE(_cpu_decode, m) {
       "rope_inplace",
       [](uintptr_t x, int64_t rows, int64_t ld_x, int64_t heads, int64_t hd, uintptr_t cos, uintptr_t sin_signed,
          int dtype) {
-        const DType dt = parse_dtype(dtype);
+        const DType dt = ws::cpu_linear::dtype_from_code(dtype);
         py::gil_scoped_release release;
         rope_inplace(p<void>(x), rows, ld_x, heads, hd, p<const void>(cos), p<const void>(sin_signed), dt);
       },
@@ -54,7 +47,7 @@ PYBIND11_MODULE(_cpu_decode, m) {
   m.def(
       "silu_mul",
       [](uintptr_t gu, uintptr_t out, int64_t rows, int64_t inter, int dtype) {
-        const DType dt = parse_dtype(dtype);
+        const DType dt = ws::cpu_linear::dtype_from_code(dtype);
         py::gil_scoped_release release;
         silu_mul(p<const void>(gu), p<void>(out), rows, inter, dt);
       },
@@ -84,7 +77,7 @@ PYBIND11_MODULE(_cpu_decode, m) {
         a.window = window;
         a.scale = scale;
         a.out = p<void>(out);
-        a.dtype = parse_dtype(dtype);
+        a.dtype = ws::cpu_linear::dtype_from_code(dtype);
         py::gil_scoped_release release;
         attend_decode(a);
       },

@@ -22,12 +22,6 @@ Isa parse_isa(const std::string& name) {
   throw std::invalid_argument("cpu_linear: isa must be 'auto', 'avx2' or 'portable', not '" + name + "'");
 }
 
-DType parse_dtype(int code) {
-  if (code == 0) return DType::kF32;
-  if (code == 1) return DType::kBF16;
-  throw std::invalid_argument("cpu_linear: dtype code must be 0 (float32) or 1 (bfloat16)");
-}
-
 const void* ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 
 // One weight (and bias), bound once; each call passes only what changes: x, y and M.
@@ -35,11 +29,11 @@ class Weight {
  public:
   Weight(uintptr_t w, int w_dtype, int64_t O, int64_t I, uintptr_t bias, int bias_dtype) {
     base_.w = ptr(w);
-    base_.w_dtype = parse_dtype(w_dtype);
+    base_.w_dtype = dtype_from_code(w_dtype);
     base_.O = O;
     base_.I = I;
     base_.bias = ptr(bias);
-    base_.bias_dtype = parse_dtype(bias_dtype);
+    base_.bias_dtype = dtype_from_code(bias_dtype);
     if (O < 0 || I < 0) throw std::invalid_argument("cpu_linear: negative size");
   }
   // y rows are contiguous (ldy = O).
@@ -47,7 +41,7 @@ class Weight {
     Args a = base_;
     a.x = ptr(x);
     a.ldx = ldx;
-    a.x_dtype = parse_dtype(x_dtype);
+    a.x_dtype = dtype_from_code(x_dtype);
     a.y = reinterpret_cast<void*>(y);
     a.ldy = a.O;
     a.M = M;
@@ -62,8 +56,8 @@ class Weight {
 
 PYBIND11_MODULE(_cpu_linear, m) {
   m.doc() = "Small-M CPU linear y = x @ W.T + b on raw host pointers (AVX2+FMA or portable)";
-  m.attr("FLOAT32") = 0;
-  m.attr("BFLOAT16") = 1;
+  m.attr("FLOAT32") = static_cast<int>(DType::kF32);
+  m.attr("BFLOAT16") = static_cast<int>(DType::kBF16);
   m.def(
       "linear",
       [](uintptr_t x, int64_t ldx, int x_dtype, uintptr_t w, int w_dtype, uintptr_t bias, int bias_dtype,
@@ -71,11 +65,11 @@ PYBIND11_MODULE(_cpu_linear, m) {
         Args a;
         a.x = ptr(x);
         a.ldx = ldx;
-        a.x_dtype = parse_dtype(x_dtype);
+        a.x_dtype = dtype_from_code(x_dtype);
         a.w = ptr(w);
-        a.w_dtype = parse_dtype(w_dtype);
+        a.w_dtype = dtype_from_code(w_dtype);
         a.bias = ptr(bias);
-        a.bias_dtype = parse_dtype(bias_dtype);
+        a.bias_dtype = dtype_from_code(bias_dtype);
         a.y = reinterpret_cast<void*>(y);
         a.ldy = ldy;
         a.M = M;

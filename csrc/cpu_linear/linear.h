@@ -15,10 +15,19 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace ws::cpu_linear {
 
 enum class DType : int32_t { kF32 = 0, kBF16 = 1 };
+
+// The DType of an integer code as the Python modules pass it (their FLOAT32 / BFLOAT16).
+inline DType dtype_from_code(int code) {
+  if (code == static_cast<int>(DType::kF32)) return DType::kF32;
+  if (code == static_cast<int>(DType::kBF16)) return DType::kBF16;
+  throw std::invalid_argument("dtype code must be 0 (float32) or 1 (bfloat16), not " + std::to_string(code));
+}
 
 enum class Isa : int32_t {
   kAuto = -1,     // the best this CPU runs

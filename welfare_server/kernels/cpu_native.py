@@ -40,7 +40,8 @@ MAX_ROWS = 16
 """The most rows (tokens) a call may have to run in C++: the ops are single-threaded, built for a
 decode step's few rows; a prefill chunk's many rows run torch's ops, which use every thread."""
 
-_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_CODES = {} if _ops is None else {torch.float32: _ops.FLOAT32, torch.bfloat16: _ops.BFLOAT16}
+"""The ops' dtype codes, as their module defines them."""
 
 
 def available() -> bool:

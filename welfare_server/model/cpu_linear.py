@@ -114,7 +114,8 @@ KERNEL_THREADS = 0
 call, so torch.set_num_threads applies at once)."""
 
 _PACK_DTYPES = (torch.float32, torch.bfloat16)
-_KERNEL_CODES = {torch.float32: 0, torch.bfloat16: 1}  # _cpu_linear.FLOAT32 / BFLOAT16
+# The kernel's dtype codes, as its module defines them (empty without the module: nothing qualifies).
+_KERNEL_CODES = {} if _kernel is None else {torch.float32: _kernel.FLOAT32, torch.bfloat16: _kernel.BFLOAT16}
 
 
 def _onednn_ok() -> bool:
